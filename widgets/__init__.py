@@ -1,0 +1,10 @@
+"""Jupyter views over a workbench store: every probe on one checkpoint slider.
+
+Views read tables from a :class:`workbench.Store`, build figures with :mod:`workbench.figures`, and lay
+them out with ipywidgets. This package imports ``workbench``; ``workbench`` never imports it.
+"""
+
+from widgets.base import CheckpointView
+from widgets.explorer import CheckpointExplorer
+
+__all__ = ["CheckpointExplorer", "CheckpointView"]

@@ -1,0 +1,31 @@
+"""CheckpointExplorer: training curves and routing statistics on one checkpoint slider."""
+
+from __future__ import annotations
+
+from workbench import figures
+from workbench.errors import StoreError
+from workbench.runs import Run
+from workbench.store import Store
+from widgets.base import CheckpointView, as_store
+
+
+class CheckpointExplorer(CheckpointView):
+    """Accuracy and loss over steps with the chosen checkpoint marked, and, for MoE runs, the routing at
+    that checkpoint (expert-load entropy per layer, expert load shares)."""
+
+    def __init__(self, source: Store | Run | str, step: int | None = None, group: str = "all"):
+        store = as_store(source)
+        if "basic" not in store.probes():
+            raise StoreError(
+                f"the store at {store.root} has no 'basic' table; measure the run first "
+                "(workbench measure RUN, or workbench.measure(run, [LossAccuracy(), RoutingStats()]))"
+            )
+        self.store = store
+        basic = store.table("basic")
+        panels = {"training": lambda s: figures.training_curves(basic, step=s)}
+        if "routing" in store.probes():
+            routing = store.table("routing")
+            panels["routing_at_step"] = lambda s: figures.routing_at_step(routing, step=s, group=group)
+            panels["load_entropy"] = lambda s: figures.routing_entropy_over_steps(routing, step=s, group=group)
+        super().__init__(sorted(basic["step"].unique().to_list()), panels, title=f"{store.run or store.root}",
+                         step=step)

@@ -1,0 +1,303 @@
+"""Batched capture: one forward pass over a sample set collects what the probes need.
+
+Per sample it returns loss, accuracy and confidence over the sample's scored positions; with routing, the
+router softmax averaged over the sample's non-padding tokens at every MoE layer ([samples, layers, experts]);
+with hidden layers, the hidden state after those blocks (last non-padding token, or the mean over tokens).
+
+Hooks reduce on the device: a router hook turns [batch*tokens, experts] logits into [batch, experts] sums
+before anything moves, and only those reductions are copied to the host (non-blocking into pinned memory on
+CUDA). Batches are bucketed by length so padding stays small, and masks keep padding out of every number.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from workbench.errors import InputError, NumericalError, TokenizerMismatchError
+from workbench.models import adapter_for
+from workbench.samples import IGNORE, SampleSet, length_buckets
+
+
+@dataclass(frozen=True)
+class CaptureSpec:
+    """What one capture pass collects.
+
+    routing: router softmax per MoE layer, averaged over each sample's tokens.
+    routing_weights: ``"softmax"`` (all experts, SPEC default) or ``"topk"`` (the model's own top-k
+        weights after its renormalization, zero elsewhere).
+    expert_load: also the fraction of each sample's tokens that select each expert (top-k choices).
+    hidden_layers: block indices whose output hidden state to keep (negative counts from the end).
+    hidden_reduce: ``"last"`` (last non-padding token) or ``"mean"`` (mean over non-padding tokens).
+    """
+
+    routing: bool = False
+    routing_weights: str = "softmax"
+    expert_load: bool = False
+    hidden_layers: tuple[int, ...] = ()
+    hidden_reduce: str = "last"
+
+    def __post_init__(self) -> None:
+        if self.routing_weights not in ("softmax", "topk"):
+            raise InputError(f"routing_weights must be 'softmax' or 'topk', not {self.routing_weights!r}")
+        if self.hidden_reduce not in ("last", "mean"):
+            raise InputError(f"hidden_reduce must be 'last' or 'mean', not {self.hidden_reduce!r}")
+
+    def union(self, other: "CaptureSpec") -> "CaptureSpec":
+        """A spec that collects what both collect (their routing and reduce choices must agree)."""
+        for name in ("routing_weights", "hidden_reduce"):
+            a, b = getattr(self, name), getattr(other, name)
+            used_a = self.routing if name == "routing_weights" else bool(self.hidden_layers)
+            used_b = other.routing if name == "routing_weights" else bool(other.hidden_layers)
+            if used_a and used_b and a != b:
+                raise InputError(f"two measurements ask for different {name} ({a!r}, {b!r}); capture them apart")
+        return CaptureSpec(
+            routing=self.routing or other.routing,
+            routing_weights=self.routing_weights if self.routing else other.routing_weights,
+            expert_load=self.expert_load or other.expert_load,
+            hidden_layers=tuple(sorted(set(self.hidden_layers) | set(other.hidden_layers))),
+            hidden_reduce=self.hidden_reduce if self.hidden_layers else other.hidden_reduce,
+        )
+
+
+@dataclass
+class Capture:
+    """What one pass collected, in the sample set's order, on the host (CPU)."""
+
+    sample_ids: list[str]
+    groups: list[str]
+    loss: torch.Tensor  # [N] mean token NLL over scored positions (NaN where none is scored)
+    accuracy: torch.Tensor  # [N] share of scored positions whose argmax is the target
+    confidence: torch.Tensor  # [N] mean probability of the argmax token over scored positions
+    target_prob: torch.Tensor  # [N] mean probability of the target token over scored positions
+    n_scored: torch.Tensor  # [N] number of scored positions
+    n_tokens: torch.Tensor  # [N] number of non-padding tokens
+    routing: torch.Tensor | None = None  # [N, L, E] token-averaged routing weights
+    expert_load: torch.Tensor | None = None  # [N, L, E] share of tokens choosing each expert (rows sum to k)
+    moe_layers: list[int] = field(default_factory=list)  # block index of each MoE layer
+    router_matrices: list[torch.Tensor] | None = None  # per MoE layer [E, d]
+    hidden: dict[int, torch.Tensor] = field(default_factory=dict)  # block index -> [N, d]
+    top_k: int | None = None
+
+    def __len__(self) -> int:
+        return len(self.sample_ids)
+
+    def group_indices(self, group: str) -> torch.Tensor:
+        return torch.tensor([i for i, g in enumerate(self.groups) if g == group], dtype=torch.long)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _vocab_size(model: nn.Module) -> int | None:
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if emb is None:
+        emb = next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
+    return emb.num_embeddings if emb is not None else None
+
+
+def _top_k(model: nn.Module, router: nn.Module) -> int:
+    for obj in (router, getattr(model, "config", None)):
+        for name in ("top_k", "num_experts_per_tok"):
+            k = getattr(obj, name, None)
+            if isinstance(k, int):
+                return k
+    raise InputError("cannot tell the model's top-k; set router.top_k or config.num_experts_per_tok")
+
+
+class _RouterHook:
+    """Forward hook on one router: reduces its [batch*tokens, experts] output to per-sample sums."""
+
+    def __init__(self, state: "_BatchState", slot: int, k: int, spec: CaptureSpec):
+        self.state, self.slot, self.k, self.spec = state, slot, k, spec
+
+    def __call__(self, module, inputs, output):
+        logits = output[0] if isinstance(output, tuple) else output
+        st = self.state
+        b, t = st.mask.shape
+        n_exp = logits.shape[-1]
+        logits = logits.reshape(b, t, n_exp).float()
+        probs = torch.softmax(logits, dim=-1)
+        if self.spec.routing_weights == "topk" or self.spec.expert_load:
+            if isinstance(output, tuple) and len(output) >= 3:
+                top_w, top_i = output[1].reshape(b, t, -1).float(), output[2].reshape(b, t, -1)
+            else:  # a router that returns logits only: take top-k of the softmax and renormalize
+                top_w, top_i = torch.topk(probs, self.k, dim=-1)
+                top_w = top_w / top_w.sum(-1, keepdim=True)
+        m = st.mask.unsqueeze(-1)
+        if self.spec.routing_weights == "topk":
+            w = torch.zeros_like(probs).scatter(-1, top_i, top_w)
+        else:
+            w = probs
+        st.routing[:, self.slot] = (w * m).sum(1) / st.n_tok.unsqueeze(-1)
+        if self.spec.expert_load:
+            chosen = torch.zeros_like(probs).scatter(-1, top_i, 1.0)
+            st.load[:, self.slot] = (chosen * m).sum(1) / st.n_tok.unsqueeze(-1)
+
+
+class _HiddenHook:
+    def __init__(self, state: "_BatchState", layer: int, reduce: str):
+        self.state, self.layer, self.reduce = state, layer, reduce
+
+    def __call__(self, module, inputs, output):
+        h = output[0] if isinstance(output, (tuple, list)) else output
+        st = self.state
+        if self.reduce == "last":
+            last = st.n_tok.long() - 1
+            st.hidden[self.layer] = h[torch.arange(h.shape[0], device=h.device), last].float()
+        else:
+            m = st.mask.unsqueeze(-1).to(h.dtype)
+            st.hidden[self.layer] = ((h * m).sum(1) / st.n_tok.unsqueeze(-1)).float()
+
+
+@dataclass
+class _BatchState:
+    mask: torch.Tensor = None
+    n_tok: torch.Tensor = None
+    routing: torch.Tensor = None
+    load: torch.Tensor = None
+    hidden: dict = field(default_factory=dict)
+
+
+def _per_sample_scores(logits: torch.Tensor, targets: torch.Tensor):
+    """Loss, accuracy, confidence and target probability per row, over scored positions only."""
+    scored = targets != IGNORE
+    n = scored.sum(1)
+    sel = logits[scored].float()  # [scored tokens, V]: only scored positions go through log_softmax
+    if not torch.isfinite(sel).all():
+        raise NumericalError(
+            "the model produced NaN or infinite logits; the checkpoint may be corrupt or the dtype too narrow "
+            "(try dtype=torch.float32)"
+        )
+    logp = torch.log_softmax(sel, dim=-1)
+    tgt = targets[scored]
+    nll = -logp.gather(1, tgt[:, None]).squeeze(1)
+    top_lp, top_i = logp.max(-1)
+    row = torch.arange(targets.shape[0], device=targets.device)[:, None].expand_as(targets)[scored]
+
+    def per_row(v):
+        return torch.zeros(targets.shape[0], device=logits.device).index_add_(0, row, v.float())
+
+    denom = n.clamp(min=1).float()
+    nan = torch.where(n > 0, 0.0, float("nan"))
+    return (
+        per_row(nll) / denom + nan,
+        per_row((top_i == tgt).float()) / denom + nan,
+        per_row(top_lp.exp()) / denom + nan,
+        per_row((-nll).exp()) / denom + nan,
+        n,
+    )
+
+
+def capture(
+    model: nn.Module,
+    samples: SampleSet,
+    spec: CaptureSpec = CaptureSpec(),
+    *,
+    device: str | torch.device | None = None,
+    token_budget: int = 16384,
+    max_batch: int = 512,
+    autocast: bool | None = None,
+    pad_id: int = 0,
+    progress: bool = False,
+) -> Capture:
+    """Run ``samples`` through ``model`` once and collect what ``spec`` asks for.
+
+    The model is moved to ``device`` (default: CUDA when present, else CPU) and put in eval mode.
+    ``autocast`` defaults to bf16 autocast on CUDA and none on CPU.
+    """
+    device = torch.device(device) if device is not None else default_device()
+    model = model.to(device).eval()
+    vocab = _vocab_size(model)
+    if vocab is not None and samples.max_token() >= vocab:
+        raise TokenizerMismatchError(
+            f"sample token ids reach {samples.max_token()} but the model's vocabulary has {vocab} tokens; "
+            "tokenize the samples with the model's own tokenizer"
+        )
+    adapter = adapter_for(model)
+    n = len(samples)
+    cuda = device.type == "cuda"
+    use_autocast = cuda if autocast is None else autocast
+    state = _BatchState()
+    handles = []
+    moe_layers: list[int] = []
+    routers = adapter.require_moe(model) if spec.routing else []
+    k = _top_k(model, routers[0][1]) if routers else None
+    for slot, (layer, router) in enumerate(routers):
+        moe_layers.append(layer)
+        handles.append(router.register_forward_hook(_RouterHook(state, slot, k, spec)))
+    blocks = adapter.blocks(model) if spec.hidden_layers else []
+    hidden_layers = sorted({h % len(blocks) for h in spec.hidden_layers}) if blocks else []
+    for h in spec.hidden_layers:
+        if not -len(blocks) <= h < len(blocks):
+            raise InputError(f"hidden layer {h} does not exist: the model has {len(blocks)} blocks (0..{len(blocks) - 1})")
+    for layer in hidden_layers:
+        handles.append(blocks[layer].register_forward_hook(_HiddenHook(state, layer, spec.hidden_reduce)))
+
+    host = dict(pin_memory=cuda)
+    out = {name: torch.empty(n, **host) for name in ("loss", "accuracy", "confidence", "target_prob")}
+    out["n_scored"] = torch.empty(n, dtype=torch.long, **host)
+    n_exp = routers[0][1].weight.shape[0] if routers else 0
+    routing = torch.empty(n, len(routers), n_exp, **host) if routers else None
+    load = torch.empty(n, len(routers), n_exp, **host) if routers and spec.expert_load else None
+    hidden: dict[int, torch.Tensor] = {}
+
+    batches = length_buckets(samples.lengths, token_budget, max_batch)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16) if use_autocast else contextlib.nullcontext()
+    try:
+        with torch.inference_mode(), amp:
+            for idx in tqdm(batches, desc="capture", disable=not progress, leave=False):
+                x, y, mask = samples.padded(idx, pad_id)
+                x = x.to(device, non_blocking=True)
+                y = y.to(device, non_blocking=True)
+                mask = mask.to(device, non_blocking=True)
+                state.mask = mask.float()
+                state.n_tok = state.mask.sum(1)
+                if routers:
+                    state.routing = torch.empty(len(idx), len(routers), n_exp, device=device)
+                    state.load = torch.empty_like(state.routing) if load is not None else None
+                state.hidden = {}
+                logits = model(input_ids=x, attention_mask=mask).logits
+                scores = _per_sample_scores(logits, y)
+                rows = torch.as_tensor(idx)
+                for name, v in zip(("loss", "accuracy", "confidence", "target_prob", "n_scored"), scores):
+                    out[name][rows] = v.to("cpu", non_blocking=cuda)
+                if routers:
+                    routing[rows] = state.routing.to("cpu", non_blocking=cuda)
+                    if load is not None:
+                        load[rows] = state.load.to("cpu", non_blocking=cuda)
+                for layer, h in state.hidden.items():
+                    if layer not in hidden:
+                        hidden[layer] = torch.empty(n, h.shape[-1], **host)
+                    hidden[layer][rows] = h.to("cpu", non_blocking=cuda)
+        if cuda:
+            torch.cuda.synchronize(device)
+    finally:
+        for h in handles:
+            h.remove()
+
+    return Capture(
+        sample_ids=list(samples.ids),
+        groups=list(samples.groups),
+        loss=out["loss"],
+        accuracy=out["accuracy"],
+        confidence=out["confidence"],
+        target_prob=out["target_prob"],
+        n_scored=out["n_scored"],
+        n_tokens=torch.as_tensor(samples.lengths),
+        routing=routing,
+        expert_load=load,
+        moe_layers=moe_layers,
+        router_matrices=[r.weight.detach().float().cpu() for _, r in routers] if routers else None,
+        hidden=hidden,
+        top_k=k,
+    )
+
+
+__all__ = ["Capture", "CaptureSpec", "capture", "default_device"]

@@ -1,0 +1,195 @@
+"""Sample sets: the texts a run is measured on, each with a stable id and a group.
+
+A sample is a token sequence ``input_ids`` with ``targets`` of the same length, already shifted:
+``targets[t]`` is the token the model should predict from position ``t``, or -100 where nothing is scored.
+A pretraining text scores every next token; a modular-addition sample scores only its answer; a
+(prompt, completion) pair scores only the completion. Loss and accuracy of a sample are means over its
+scored positions.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import polars as pl
+import torch
+
+from workbench.errors import InputError
+
+IGNORE = -100
+
+
+@dataclass
+class SampleSet:
+    ids: list[str]
+    groups: list[str]
+    input_ids: list[list[int]]
+    targets: list[list[int]]
+    lengths: list[int] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        n = len(self.ids)
+        if not (len(self.groups) == len(self.input_ids) == len(self.targets) == n):
+            raise InputError(
+                f"a sample set needs one id, group, input and target list per sample; got {n} ids, "
+                f"{len(self.groups)} groups, {len(self.input_ids)} inputs and {len(self.targets)} targets"
+            )
+        if n == 0:
+            raise InputError("the sample set is empty; give at least one sample")
+        self.ids = [str(i) for i in self.ids]
+        self.groups = [str(g) for g in self.groups]
+        if len(set(self.ids)) != n:
+            raise InputError("sample ids must be unique; give each sample its own id")
+        self.lengths = [len(x) for x in self.input_ids]
+        for i, (x, y) in enumerate(zip(self.input_ids, self.targets)):
+            if len(x) == 0:
+                raise InputError(f"sample {self.ids[i]!r} has no tokens; drop it or give it text")
+            if len(y) != len(x):
+                raise InputError(
+                    f"sample {self.ids[i]!r} has {len(x)} input tokens but {len(y)} targets; targets must be "
+                    "aligned with the inputs (use -100 where nothing is scored)"
+                )
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def group_names(self) -> list[str]:
+        return list(dict.fromkeys(self.groups))
+
+    def indices(self, group: str) -> list[int]:
+        idx = [i for i, g in enumerate(self.groups) if g == group]
+        if not idx:
+            raise InputError(f"no sample is in group {group!r}; the groups are {self.group_names}")
+        return idx
+
+    def select(self, indices: Sequence[int]) -> "SampleSet":
+        return SampleSet(
+            ids=[self.ids[i] for i in indices],
+            groups=[self.groups[i] for i in indices],
+            input_ids=[self.input_ids[i] for i in indices],
+            targets=[self.targets[i] for i in indices],
+        )
+
+    def group(self, name: str) -> "SampleSet":
+        return self.select(self.indices(name))
+
+    def max_token(self) -> int:
+        return max(max(x) for x in self.input_ids)
+
+    def padded(self, indices: Sequence[int], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Right-padded ``input_ids``, ``targets`` (-100 on padding) and ``attention_mask`` for a batch."""
+        width = max(self.lengths[i] for i in indices)
+        x = torch.full((len(indices), width), pad_id, dtype=torch.long)
+        y = torch.full((len(indices), width), IGNORE, dtype=torch.long)
+        mask = torch.zeros((len(indices), width), dtype=torch.long)
+        for row, i in enumerate(indices):
+            n = self.lengths[i]
+            x[row, :n] = torch.as_tensor(self.input_ids[i])
+            y[row, :n] = torch.as_tensor(self.targets[i])
+            mask[row, :n] = 1
+        return x, y, mask
+
+    # --- construction from text -------------------------------------------------------------------------
+    @classmethod
+    def from_token_lists(
+        cls, tokens: Sequence[Sequence[int]], ids: Sequence[str] | None = None, groups: Sequence[str] | None = None
+    ) -> "SampleSet":
+        """Language-model samples: every next token is scored."""
+        tokens = [list(map(int, t)) for t in tokens]
+        return cls(
+            ids=list(ids) if ids is not None else [str(i) for i in range(len(tokens))],
+            groups=list(groups) if groups is not None else ["all"] * len(tokens),
+            input_ids=tokens,
+            targets=[t[1:] + [IGNORE] for t in tokens],
+        )
+
+    @classmethod
+    def from_texts(
+        cls,
+        tokenizer,
+        texts: Sequence[str],
+        ids: Sequence[str] | None = None,
+        groups: Sequence[str] | None = None,
+        max_length: int | None = None,
+    ) -> "SampleSet":
+        """Tokenize texts with a Hugging Face tokenizer; every next token is scored."""
+        enc = tokenizer(list(texts), truncation=max_length is not None, max_length=max_length)["input_ids"]
+        return cls.from_token_lists(enc, ids, groups)
+
+    @classmethod
+    def from_prompt_completion(
+        cls,
+        tokenizer,
+        prompts: Sequence[str],
+        completions: Sequence[str],
+        ids: Sequence[str] | None = None,
+        groups: Sequence[str] | None = None,
+    ) -> "SampleSet":
+        """(prompt, completion) pairs: only the completion's tokens are scored."""
+        inputs, targets = [], []
+        for k, (p, c) in enumerate(zip(prompts, completions, strict=True)):
+            pt = tokenizer(p)["input_ids"]
+            ct = tokenizer(c, add_special_tokens=False)["input_ids"]
+            if not ct:
+                raise InputError(f"completion {k} is empty; every query needs at least one completion token")
+            full = list(pt) + list(ct)
+            # The model sees the prompt and all but the last completion token; position t predicts t+1.
+            inputs.append(full[:-1])
+            targets.append([IGNORE] * (len(pt) - 1) + list(ct))
+        n = len(inputs)
+        return cls(
+            ids=list(ids) if ids is not None else [str(i) for i in range(n)],
+            groups=list(groups) if groups is not None else ["all"] * n,
+            input_ids=inputs,
+            targets=targets,
+        )
+
+    # --- persistence ----------------------------------------------------------------------------------------
+    def to_frame(self) -> pl.DataFrame:
+        return pl.DataFrame(
+            {"sample_id": self.ids, "group": self.groups, "input_ids": self.input_ids, "targets": self.targets},
+            schema={
+                "sample_id": pl.String,
+                "group": pl.String,
+                "input_ids": pl.List(pl.Int64),
+                "targets": pl.List(pl.Int64),
+            },
+        )
+
+    def save(self, path: str | os.PathLike) -> None:
+        from workbench.store import write_parquet_atomic
+
+        write_parquet_atomic(self.to_frame(), path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "SampleSet":
+        df = pl.read_parquet(path)
+        return cls(
+            ids=df["sample_id"].to_list(),
+            groups=df["group"].to_list(),
+            input_ids=df["input_ids"].to_list(),
+            targets=df["targets"].to_list(),
+        )
+
+
+def length_buckets(lengths: Sequence[int], token_budget: int = 16384, max_batch: int = 512) -> list[list[int]]:
+    """Batches of sample indices sorted by length, each within ``token_budget`` padded tokens.
+
+    Sorting by length keeps padding small; the order inside the result is by length, so callers scatter
+    results back by index.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    batches: list[list[int]] = []
+    cur: list[int] = []
+    for i in order:
+        width = lengths[i]  # the longest so far, since the order is ascending
+        if cur and ((len(cur) + 1) * width > token_budget or len(cur) >= max_batch):
+            batches.append(cur)
+            cur = []
+        cur.append(i)
+    if cur:
+        batches.append(cur)
+    return batches

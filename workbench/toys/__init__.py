@@ -1,0 +1,76 @@
+"""Built-in runs: small tasks and models that show the memorization-to-generalization transition on a CPU.
+
+``ensure_run()`` returns the built-in grokking run, training it once into ``$WORKBENCH_HOME/runs`` (default
+``~/.cache/workbench/runs``) when it is not there; later calls, notebooks and tests reuse it. The folder name
+carries a hash of the settings, so a changed setting trains a new run instead of reusing a stale one.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from workbench.toys.model import ToyConfig, ToyMoETransformer
+from workbench.toys.modular import modular_addition
+from workbench.toys.train import GrokConfig, checkpoint_steps, train_modular
+
+#: The run ``make demo`` trains (settings and what they gave are in the README).
+DEMO = GrokConfig()
+#: A short run for tests and quick notebook execution: same task and model shape, fewer steps.
+QUICK = replace(DEMO, steps=600, n_checkpoints=12, name="modular-moe-quick")
+
+
+def home() -> Path:
+    return Path(os.environ.get("WORKBENCH_HOME", Path.home() / ".cache" / "workbench"))
+
+
+def run_folder(cfg: GrokConfig, root: str | os.PathLike | None = None) -> Path:
+    digest = hashlib.sha1(json.dumps(asdict(cfg), sort_keys=True).encode()).hexdigest()[:8]
+    return Path(root) if root is not None else home() / "runs" / f"{cfg.name}-{digest}"
+
+
+def ensure_run(
+    config: GrokConfig | None = None,
+    *,
+    quick: bool | None = None,
+    root: str | os.PathLike | None = None,
+    retrain: bool = False,
+    progress: bool = True,
+):
+    """The built-in run as a :class:`workbench.Run`, trained first if needed.
+
+    ``quick`` (default: the environment variable ``WORKBENCH_QUICK`` is set to 1) picks :data:`QUICK`.
+    """
+    from workbench.runs import Run
+
+    if config is None:
+        if quick is None:
+            quick = os.environ.get("WORKBENCH_QUICK", "0") == "1"
+        config = QUICK if quick else DEMO
+    folder = run_folder(config, root)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    # A lock, so that parallel notebooks or test workers train the run once and the others wait for it.
+    with open(folder.parent / f".{folder.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if retrain or not (folder / "run.json").exists():
+            train_modular(config, folder, progress=progress)
+    return Run.from_folder(folder)
+
+
+__all__ = [
+    "DEMO",
+    "QUICK",
+    "GrokConfig",
+    "ToyConfig",
+    "ToyMoETransformer",
+    "checkpoint_steps",
+    "ensure_run",
+    "home",
+    "modular_addition",
+    "run_folder",
+    "train_modular",
+]
