@@ -121,24 +121,21 @@ class _RouterHook:
         logits = output[0] if isinstance(output, tuple) else output
         st = self.state
         b, t = st.mask.shape
-        n_exp = logits.shape[-1]
-        logits = logits.reshape(b, t, n_exp).float()
-        probs = torch.softmax(logits, dim=-1)
+        probs = torch.softmax(logits.reshape(b, t, -1).float(), dim=-1)
         if self.spec.routing_weights == "topk" or self.spec.expert_load:
             if isinstance(output, tuple) and len(output) >= 3:
                 top_w, top_i = output[1].reshape(b, t, -1).float(), output[2].reshape(b, t, -1)
             else:  # a router that returns logits only: take top-k of the softmax and renormalize
                 top_w, top_i = torch.topk(probs, self.k, dim=-1)
                 top_w = top_w / top_w.sum(-1, keepdim=True)
-        m = st.mask.unsqueeze(-1)
-        if self.spec.routing_weights == "topk":
-            w = torch.zeros_like(probs).scatter(-1, top_i, top_w)
-        else:
-            w = probs
-        st.routing[:, self.slot] = (w * m).sum(1) / st.n_tok.unsqueeze(-1)
+        w = torch.zeros_like(probs).scatter_(-1, top_i, top_w) if self.spec.routing_weights == "topk" else probs
+        # token weights (1/n_tokens on real tokens, 0 on padding) @ weights: the masked mean in one bmm
+        st.routing[:, self.slot] = torch.bmm(st.token_w.unsqueeze(1), w).squeeze(1)
         if self.spec.expert_load:
-            chosen = torch.zeros_like(probs).scatter(-1, top_i, 1.0)
-            st.load[:, self.slot] = (chosen * m).sum(1) / st.n_tok.unsqueeze(-1)
+            k = top_i.shape[-1]
+            st.load[:, self.slot] = torch.zeros(b, probs.shape[-1], device=probs.device).scatter_add_(
+                1, top_i.reshape(b, t * k), st.token_w.repeat_interleave(k, dim=1)
+            )
 
 
 class _HiddenHook:
@@ -160,6 +157,7 @@ class _HiddenHook:
 class _BatchState:
     mask: torch.Tensor = None
     n_tok: torch.Tensor = None
+    token_w: torch.Tensor = None
     routing: torch.Tensor = None
     load: torch.Tensor = None
     hidden: dict = field(default_factory=dict)
@@ -259,6 +257,7 @@ def capture(
                 mask = mask.to(device, non_blocking=True)
                 state.mask = mask.float()
                 state.n_tok = state.mask.sum(1)
+                state.token_w = state.mask / state.n_tok.unsqueeze(1)
                 if routers:
                     state.routing = torch.empty(len(idx), len(routers), n_exp, device=device)
                     state.load = torch.empty_like(state.routing) if load is not None else None

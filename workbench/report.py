@@ -123,7 +123,7 @@ def write_html(path: str | os.PathLike, title: str, sections: Sequence[Section],
         parts.append(f"<h2>{html.escape(sec.title)}</h2>")
         for item in sec.items:
             if isinstance(item, go.Figure):
-                parts.append("<div class='fig'>" + item.to_html(full_html=False, include_plotlyjs=first) + "</div>")
+                parts.append("<div class='fig'>" + item.to_html(full_html=False, include_plotlyjs=first, auto_play=False) + "</div>")
                 first = False
             elif item:
                 parts.append(f"<p>{html.escape(str(item))}</p>")

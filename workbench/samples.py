@@ -28,6 +28,7 @@ class SampleSet:
     input_ids: list[list[int]]
     targets: list[list[int]]
     lengths: list[int] = field(init=False, repr=False)
+    _max_token: int | None = field(init=False, repr=False, default=None)
 
     def __post_init__(self) -> None:
         n = len(self.ids)
@@ -77,7 +78,9 @@ class SampleSet:
         return self.select(self.indices(name))
 
     def max_token(self) -> int:
-        return max(max(x) for x in self.input_ids)
+        if self._max_token is None:
+            self._max_token = max(max(x) for x in self.input_ids)
+        return self._max_token
 
     def padded(self, indices: Sequence[int], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Right-padded ``input_ids``, ``targets`` (-100 on padding) and ``attention_mask`` for a batch."""

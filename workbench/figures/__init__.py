@@ -109,8 +109,9 @@ def routing_at_step(routing: pl.DataFrame, step: int | None = None, group: str =
     import math
 
     fig.update_yaxes(range=[0, math.log(n_exp) * 1.05], title_text="nats", row=1, col=1)
-    fig.update_layout(height=340, barmode="group", margin=dict(t=40, b=40, l=50, r=20),
-                      title=dict(text=f"routing at step {step}", x=0.01, y=0.99))
+    fig.update_layout(height=360, barmode="group", margin=dict(t=40, b=40, l=50, r=20),
+                      title=dict(text=f"routing at step {step}", x=0.01, y=0.99),
+                      legend=dict(orientation="h", x=0, y=-0.15))
     return fig
 
 
@@ -134,7 +135,7 @@ def with_slider(build: Callable[[int], go.Figure], steps: Sequence[int], label: 
         sliders=[{
             "active": active,
             "currentvalue": {"prefix": f"{label}: "},
-            "pad": {"t": 50},
+            "pad": {"t": 70},
             "steps": [{"label": str(s), "method": "animate",
                        "args": [[str(s)], {"mode": "immediate", "frame": {"duration": 0, "redraw": True},
                                            "transition": {"duration": 0}}]} for s in steps],

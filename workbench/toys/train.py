@@ -51,6 +51,7 @@ class GrokConfig:
     n_experts: int = 8
     top_k: int = 2
     d_expert: int = 96
+    layer_norm: bool = False
     n_checkpoints: int = 40
     name: str = "modular-moe"
     extra: dict = field(default_factory=dict)
@@ -65,6 +66,7 @@ class GrokConfig:
             n_experts=self.n_experts,
             top_k=self.top_k,
             d_expert=self.d_expert,
+            layer_norm=self.layer_norm,
         )
 
 
