@@ -5,6 +5,7 @@ them out with ipywidgets. This package imports ``workbench``; ``workbench`` neve
 """
 
 from widgets.base import CheckpointView
+from widgets.calibration import ReliabilityView
 from widgets.explorer import CheckpointExplorer
 
-__all__ = ["CheckpointExplorer", "CheckpointView"]
+__all__ = ["CheckpointExplorer", "CheckpointView", "ReliabilityView"]

@@ -13,9 +13,10 @@ from workbench.errors import InputError, WorkbenchError
 MEASUREMENTS: dict[str, str] = {
     "basic": "workbench.measure:LossAccuracy",
     "routing": "workbench.measure:RoutingStats",
+    "calibration": "workbench.probes.calibration_driver:Calibration",
 }
 #: What ``workbench demo`` measures on the built-in run.
-DEMO_MEASUREMENTS: list[str] = ["basic", "routing"]
+DEMO_MEASUREMENTS: list[str] = ["basic", "routing", "calibration"]
 
 
 def make_measurement(name: str):

@@ -41,6 +41,7 @@ class Section:
 SECTIONS: list[str] = [
     "workbench.report:training_section",
     "workbench.report:routing_section",
+    "workbench.figures.calibration:report_section",
 ]
 
 

@@ -1,0 +1,1 @@
+"""Probe families: pure functions from captured tensors to numbers, one module per family."""
