@@ -1,0 +1,194 @@
+"""Fitting the factors: a covariance pass (kfac, ekfac) and a corrected-eigenvalue pass (diagonal, ekfac).
+
+Statistics follow kronfluence's conventions so the two agree: ``A`` and ``S`` are means over (unmasked)
+tokens, ``lambda`` a mean over examples of per-example gradients in the eigenbasis, squared.
+
+Two savings over reading the documents twice and rotating per-example gradients: ekfac keeps the covariance
+pass's token rows (within ``cache_bytes``) for its eigenvalue pass, and rotates rows rather than per-example
+gradients when that is cheaper (:func:`~workbench.probes.influence.precondition.rotate`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from workbench.errors import InputError, NumericalError
+from workbench.probes.influence import distributed
+from workbench.probes.influence.factors import FISHERS, STRATEGIES, Factors, check_finite, eigen
+from workbench.probes.influence.passes import compute_dtype, evaluating, model_device, run_pass
+from workbench.probes.influence.precondition import rotate
+from workbench.probes.influence.tasks import accepts_sample
+from workbench.probes.influence.tracking import Rows, TrackedModule, resolve_modules, tracking_report
+
+#: Elements of one chunk of per-example [out, in] matrices (bounds memory; 2**25 floats = 128 MiB).
+CHUNK_ELEMENTS = 2**25
+
+
+def fit_factors(
+    model: nn.Module,
+    documents: Iterable[Any] | None,
+    *,
+    loss_fn: Callable,
+    strategy: str = "ekfac",
+    modules: Sequence[str | TrackedModule] | None = None,
+    fisher: str = "true",
+    mask_fn: Callable[[Any], torch.Tensor] | None = None,
+    dtype: torch.dtype | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    seed: int = 0,
+    cache_bytes: int = 2**31,
+    progress: bool = True,
+    report: bool = True,
+) -> Factors:
+    """Fit the curvature factors of the tracked layers on ``documents``.
+
+    Args:
+        model: the model, on the device to compute on (batches are moved to it).
+        documents: an iterable of batches (a list or a DataLoader; ekfac reads it twice). Unused for identity.
+        loss_fn: ``loss_fn(model, batch)`` → the batch's loss summed over examples and tokens; for the true
+            Fisher it must also take ``sample=True`` and then use labels drawn from the model
+            (:class:`~workbench.probes.influence.CrossEntropyTask` does).
+        strategy: ``"ekfac"`` (default), ``"kfac"``, ``"diagonal"`` or ``"identity"``.
+        modules: None = every trackable module (every nn.Linear); or module names / TrackedModule objects.
+        fisher: ``"true"`` (labels sampled from the model, default) or ``"empirical"`` (the data's labels).
+        mask_fn: ``mask_fn(batch)`` → [B, T] with 1 for real tokens; padding rows are left out of the statistics.
+        dtype: dtype of the statistics (default float32; float64 for a float64 model).
+        autocast_dtype: e.g. ``torch.bfloat16`` to run the forward pass under autocast (GPU).
+        seed: seeds the sampled labels (per batch, so sharding does not change them; both ekfac passes draw
+            the same labels for a batch).
+        cache_bytes: ekfac keeps the token rows of the covariance pass, up to this many bytes (per rank, on
+            the model's device), so that its eigenvalue pass needs no second forward and backward pass over
+            the documents; beyond it (or with 0) the documents are read again. Same result either way.
+        progress: show progress bars. report: print which parameters are tracked.
+    """
+    if strategy not in STRATEGIES:
+        raise InputError(f"strategy must be one of {STRATEGIES}, not {strategy!r}")
+    if fisher not in FISHERS:
+        raise InputError(f"fisher must be 'true' (labels sampled from the model) or 'empirical', not {fisher!r}")
+    sample = fisher == "true"
+    if sample and strategy != "identity" and not accepts_sample(loss_fn):
+        raise InputError(
+            "fisher='true' needs labels sampled from the model, but loss_fn takes no 'sample' keyword: give a "
+            "loss_fn(model, batch, sample=False) that draws labels from the model when sample=True (e.g. "
+            "CrossEntropyTask(...).loss), or use fisher='empirical'"
+        )
+    tracked = resolve_modules(model, modules)
+    blocks = [b for t in tracked for b in t.blocks()]
+    rep = tracking_report(model, tracked)
+    if report and distributed.is_main():
+        print(rep)
+    dtype = compute_dtype(model, dtype)
+    factors = Factors(strategy, fisher, [t.name for t in tracked], {b.key: (b.out_dim, b.in_dim) for b in blocks},
+                      {b.key: {} for b in blocks}, report=rep)
+    if strategy == "identity":
+        return factors
+    common = dict(what="loss_fn", dtype=dtype, sample=sample, seed=seed, mask_fn=mask_fn,
+                  autocast_dtype=autocast_dtype, progress=progress)
+    with evaluating(model):
+        cached = None
+        if strategy in ("kfac", "ekfac"):
+            budget = cache_bytes if strategy == "ekfac" else 0
+            cached = _fit_covariances(model, documents, tracked, blocks, loss_fn, factors, common, budget)
+        if strategy in ("diagonal", "ekfac"):
+            _fit_lambda(model, documents, tracked, blocks, loss_fn, factors, common, cached)
+    return factors
+
+
+def _rows_bytes(rows: dict[str, Rows]) -> int:
+    return sum(r.a.numel() * r.a.element_size() + r.s.numel() * r.s.element_size() for r in rows.values())
+
+
+def _fit_covariances(model, documents, tracked, blocks, loss_fn, factors: Factors, common: dict,
+                     cache_bytes: int) -> list | None:
+    """Fill in the eigenbases; return the pass's rows when they fit in ``cache_bytes`` (else None)."""
+    device, dtype = model_device(model), common["dtype"]
+    sums: dict[str, torch.Tensor] = {}
+    for b in blocks:
+        sums[f"{b.key}::A"] = torch.zeros(b.in_dim, b.in_dim, dtype=dtype, device=device)
+        sums[f"{b.key}::S"] = torch.zeros(b.out_dim, b.out_dim, dtype=dtype, device=device)
+        sums[f"{b.key}::tokens"] = torch.zeros((), dtype=torch.float64, device=device)
+    counts = torch.zeros(2, dtype=torch.float64, device=device)  # batches, examples
+    cache: list | None = [] if cache_bytes > 0 else None
+    used = 0
+    for _, rows, n in run_pass(model, documents, tracked, loss_fn, pass_id=0, desc="influence: covariances", **common):
+        counts += torch.tensor([1.0, n], dtype=torch.float64, device=device)
+        if cache is not None:
+            used += _rows_bytes(rows)
+            if used <= cache_bytes:
+                cache.append((rows, n))
+            else:
+                cache = None
+        with torch.no_grad():
+            for key, r in rows.items():
+                a, s = r.a.reshape(-1, r.a.shape[-1]), r.s.reshape(-1, r.s.shape[-1])
+                sums[f"{key}::A"].addmm_(a.T, a)
+                sums[f"{key}::S"].addmm_(s.T, s)
+                sums[f"{key}::tokens"] += r.valid.sum()
+    sums["__counts"] = counts
+    sums = distributed.all_reduce_sum(sums)
+    if int(sums["__counts"][0]) == 0:
+        raise InputError("documents gave no batches; pass a non-empty iterable of batches (a list or a DataLoader)")
+    factors.n_examples = int(sums["__counts"][1])
+    # Every rank decomposes the same summed matrices (so a numerical error stops every rank), then takes
+    # rank 0's result, so that all ranks precondition with identical numbers.
+    eig: dict[str, torch.Tensor] = {}
+    for b in blocks:
+        tokens = float(sums[f"{b.key}::tokens"])
+        factors.n_tokens[b.key] = int(tokens)
+        for what, side in (("A", "activation"), ("S", "gradient")):
+            values, vectors = eigen(sums[f"{b.key}::{what}"], tokens, side, b.key)
+            eig[f"{b.key}::{side}_eigenvalues"] = values
+            eig[f"{b.key}::{side}_eigenvectors"] = vectors.to(dtype)
+    eig = distributed.broadcast(eig)
+    for name, t in eig.items():
+        key, part = name.rsplit("::", 1)
+        factors.tensors[key][part] = t
+    return cache
+
+
+def _fit_lambda(model, documents, tracked, blocks, loss_fn, factors: Factors, common: dict,
+                cached: list | None) -> None:
+    device, dtype = model_device(model), common["dtype"]
+    ekfac = factors.strategy == "ekfac"
+    sums = {b.key: torch.zeros(b.out_dim, b.in_dim, dtype=dtype, device=device) for b in blocks}
+    bases = {}
+    if ekfac:
+        bases = {b.key: (factors.tensors[b.key]["gradient_eigenvectors"].to(device, dtype),
+                         factors.tensors[b.key]["activation_eigenvectors"].to(device, dtype)) for b in blocks}
+    counts = torch.zeros(2, dtype=torch.float64, device=device)
+    # pass_id 0 again: the same sampled labels as the covariance pass, whether its rows were cached or not.
+    batches = ((rows, n) for rows, n in cached) if cached is not None else (
+        (rows, n) for _, rows, n in run_pass(model, documents, tracked, loss_fn, pass_id=0,
+                                             desc="influence: eigenvalues", **common))
+    for rows, n in batches:
+        counts += torch.tensor([1.0, n], dtype=torch.float64, device=device)
+        with torch.no_grad():
+            for key, r in rows.items():
+                o, i = factors.shapes[key]
+                step = max(1, CHUNK_ELEMENTS // (o * i))
+                for start in range(0, r.n_examples, step):
+                    part = r.select(slice(start, start + step))
+                    g = rotate(part, *bases[key]) if ekfac else part.per_example_gradient()
+                    sums[key] += g.square().sum(0)
+    sums["__counts"] = counts
+    sums = distributed.all_reduce_sum(sums)
+    n_batches, n_examples = int(sums["__counts"][0]), int(sums["__counts"][1])
+    if n_batches == 0:
+        raise InputError(
+            "documents gave no batches" + (" on the second pass: ekfac reads the documents twice, so pass a list "
+            "or a DataLoader, not a generator" if ekfac else "; pass a non-empty iterable of batches")
+        )
+    factors.n_examples = n_examples
+    for b in blocks:
+        lam = sums[b.key].to(torch.float64) / n_examples
+        check_finite(lam, "corrected eigenvalues" if ekfac else "gradient second moments", b.key)
+        if not bool(lam.sum() > 0):
+            raise NumericalError(
+                f"layer {b.key!r} had a zero gradient on every document: it did not run, its activations are all "
+                "zero, or it does not affect the loss. Leave it out (modules=) or use a larger explicit damping"
+            )
+        factors.tensors[b.key]["lambda"] = lam
