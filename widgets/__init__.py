@@ -7,5 +7,6 @@ them out with ipywidgets. This package imports ``workbench``; ``workbench`` neve
 from widgets.base import CheckpointView
 from widgets.calibration import ReliabilityView
 from widgets.explorer import CheckpointExplorer
+from widgets.probes import ProbeView
 
-__all__ = ["CheckpointExplorer", "CheckpointView", "ReliabilityView"]
+__all__ = ["CheckpointExplorer", "CheckpointView", "ProbeView", "ReliabilityView"]

@@ -14,6 +14,7 @@ MEASUREMENTS: dict[str, str] = {
     "basic": "workbench.measure:LossAccuracy",
     "routing": "workbench.measure:RoutingStats",
     "calibration": "workbench.probes.calibration_driver:Calibration",
+    "probes": "workbench.probes.linear_driver:LinearProbeAccuracy",
 }
 #: What ``workbench demo`` measures on the built-in run.
 DEMO_MEASUREMENTS: list[str] = ["basic", "routing", "calibration"]

@@ -39,6 +39,10 @@ class Measurement:
 
     name: str = "measurement"
 
+    def prepare(self, run: Run) -> None:
+        """Called by :func:`measure` before options and specs are read: a measurement whose spec depends on
+        the run (such as its number of blocks) settles it here."""
+
     def spec(self) -> CaptureSpec:
         return CaptureSpec()
 
@@ -149,6 +153,7 @@ def measure(
     samples = samples if samples is not None else run.samples
     store = run.store
     for m in measurements:
+        m.prepare(run)
         store.begin(m.name, m.options(), overwrite=overwrite)
     spec = CaptureSpec()
     for m in measurements:

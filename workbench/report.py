@@ -42,6 +42,7 @@ SECTIONS: list[str] = [
     "workbench.report:training_section",
     "workbench.report:routing_section",
     "workbench.figures.calibration:report_section",
+    "workbench.figures.probes:report_section",
 ]
 
 
