@@ -13,6 +13,7 @@ Layout of a built-in run folder (what :class:`workbench.Run` reads)::
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
@@ -39,19 +40,25 @@ class GrokConfig:
     p: int = 31
     train_fraction: float = 0.5
     steps: int = 3000
-    lr: float = 5e-3
+    lr: float = 7e-3
     weight_decay: float = 1.0
     betas: tuple[float, float] = (0.9, 0.98)
-    warmup: int = 100
+    warmup: int = 200
+    # "constant", "cosine" (decay from the end of warmup), or "wsd" (warmup-stable-decay: constant, then a
+    # linear decay over the last decay_fraction of the steps, which steadies the late phase without slowing
+    # the transition)
+    schedule: str = "wsd"
+    min_lr_ratio: float = 0.1
+    decay_fraction: float = 0.4
     grad_clip: float = 1.0
     seed: int = 0
-    d_model: int = 48
+    d_model: int = 32
     n_heads: int = 4
     n_layers: int = 4
     n_experts: int = 8
     top_k: int = 2
-    d_expert: int = 96
-    layer_norm: bool = False
+    d_expert: int = 64
+    layer_norm: bool = True
     n_checkpoints: int = 40
     name: str = "modular-moe"
     extra: dict = field(default_factory=dict)
@@ -78,6 +85,20 @@ def checkpoint_steps(total: int, n: int) -> list[int]:
     lin = np.linspace(0, total, n - n_log + 1).round().astype(int)
     steps = sorted(set(log.tolist()) | set(lin.tolist()) | {0, total})
     return steps
+
+
+def lr_factor(cfg: GrokConfig, step: int) -> float:
+    """Linear warmup, then constant or cosine decay to ``min_lr_ratio``."""
+    if step < cfg.warmup:
+        return (step + 1) / cfg.warmup
+    if cfg.schedule == "constant":
+        return 1.0
+    if cfg.schedule == "wsd":
+        start = cfg.steps * (1 - cfg.decay_fraction)
+        progress = min(1.0, max(0.0, (step - start) / max(1.0, cfg.steps - start)))
+        return 1.0 - (1 - cfg.min_lr_ratio) * progress
+    progress = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def _batch(samples: SampleSet, group: str):
@@ -114,7 +135,7 @@ def train_modular(cfg: GrokConfig, out_dir: str | os.PathLike, progress: bool = 
         betas=cfg.betas,
         foreach=True,
     )
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(cfg, s))
     steps = checkpoint_steps(cfg.steps, cfg.n_checkpoints)
     history = []
 
