@@ -7,6 +7,7 @@ them out with ipywidgets. This package imports ``workbench``; ``workbench`` neve
 from widgets.base import CheckpointView
 from widgets.calibration import ReliabilityView
 from widgets.explorer import CheckpointExplorer
+from widgets.influence import InfluenceBrowser
 from widgets.probes import ProbeView
 
-__all__ = ["CheckpointExplorer", "CheckpointView", "ProbeView", "ReliabilityView"]
+__all__ = ["CheckpointExplorer", "CheckpointView", "InfluenceBrowser", "ProbeView", "ReliabilityView"]

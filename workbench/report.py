@@ -43,6 +43,7 @@ SECTIONS: list[str] = [
     "workbench.report:routing_section",
     "workbench.figures.calibration:report_section",
     "workbench.figures.probes:report_section",
+    "workbench.figures.influence:report_section",
 ]
 
 

@@ -1,0 +1,310 @@
+"""Influence of documents on queries at several checkpoints of a Run, into the run's store.
+
+:func:`measure_influence` loads each checkpoint in turn, fits the curvature factors on the documents, scores
+every query against every document, and writes one Parquet part per checkpoint into ``run.store`` under the
+probe name (default ``influence``). Killed and started again, it resumes at the first checkpoint without a
+part (the options must match, as for :func:`workbench.measure`). Rows of a part (key columns of
+:mod:`workbench.store` plus ``query_id``, ``doc_id`` and ``position``):
+
+- ``metric="score"``: one row per (query, document): ``value`` is the influence score (positive: up-weighting
+  the document raises the completion's probability), ``group`` the query's group;
+- ``metric="nll"``: one row per query: −log p(completion | prompt) at this checkpoint (for per-nat scores);
+- ``metric="token_score"``: for the ``top_k_tokens`` highest and lowest scoring documents of each query, one
+  row per document token: the contribution of the position that *predicts* that token (``position`` is the
+  token's index in the document), so the tokens the model learns to produce carry the highlight. They sum
+  to the document's score.
+
+Beside the parts, ``documents.parquet`` and ``queries.parquet`` in the probe's folder hold the documents'
+and queries' ids, groups, tokens (as text, when a tokenizer is given) and any extra columns passed in
+``document_info`` / ``query_info`` (e.g. the built-in corpus's kind, task, entity), so views and reports
+read everything from the store.
+
+Every checkpoint must have the same architecture (model type and parameter shapes, recorded in
+``architecture.json``): a series mixing architectures is refused with an error naming the step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import polars as pl
+import torch
+from tqdm.auto import tqdm
+
+from workbench.errors import InputError
+from workbench.probes.influence.fit import fit_factors
+from workbench.probes.influence.lm import (
+    LMTask,
+    batches,
+    completion_nll,
+    lm_documents,
+    model_context,
+    model_vocab_size,
+)
+from workbench.probes.influence.moe import lm_modules
+from workbench.probes.influence.scores import pairwise_scores
+from workbench.probes.influence.tracking import resolve_modules
+from workbench.runs import Run
+from workbench.samples import SampleSet
+from workbench.store import Store, write_json_atomic, write_parquet_atomic
+
+MODULE_SETS = ("lm", "linear")
+
+
+def _digest(samples: SampleSet) -> str:
+    h = hashlib.sha1()
+    for sid, x, y in zip(samples.ids, samples.input_ids, samples.targets):
+        h.update(json.dumps([sid, x, y]).encode())
+    return h.hexdigest()[:12]
+
+
+def _token_text(tokenizer, ids: Sequence[int]) -> list[str]:
+    if tokenizer is None:
+        return [str(i) for i in ids]
+    if hasattr(tokenizer, "tokens"):
+        return tokenizer.tokens(ids)
+    if hasattr(tokenizer, "convert_ids_to_tokens"):
+        return list(tokenizer.convert_ids_to_tokens(list(ids)))
+    return [tokenizer.decode([i]) for i in ids]
+
+
+def _info_frame(samples: SampleSet, id_name: str, tokenizer, extra: pl.DataFrame | None) -> pl.DataFrame:
+    df = pl.DataFrame({
+        id_name: samples.ids, "group": samples.groups,
+        "tokens": [_token_text(tokenizer, x) for x in samples.input_ids],
+        "scored": [[t != -100 for t in y] for y in samples.targets],
+    }, schema={id_name: pl.String, "group": pl.String, "tokens": pl.List(pl.String), "scored": pl.List(pl.Boolean)})
+    if extra is not None:
+        if id_name not in extra.columns:
+            raise InputError(f"the extra {id_name.split('_')[0]} information needs an {id_name!r} column")
+        df = df.join(extra.drop([c for c in ("group", "tokens", "scored") if c in extra.columns]), on=id_name,
+                     how="left")
+    return df
+
+
+def architecture(model: torch.nn.Module) -> dict:
+    """What must stay the same across a series: the model type and the shape of every parameter."""
+    cfg = getattr(model, "config", None)
+    return {"model_type": str(getattr(cfg, "model_type", type(model).__name__)),
+            "parameters": {n: list(p.shape) for n, p in model.named_parameters()}}
+
+
+def _same_architecture(first: dict, now: dict, step: int) -> None:
+    if first["model_type"] == now["model_type"] and first["parameters"] == now["parameters"]:
+        return
+    if first["model_type"] != now["model_type"]:
+        what = f"it is a {now['model_type']} model, the first a {first['model_type']} model"
+    else:
+        a, b = first["parameters"], now["parameters"]
+        diff = sorted(set(a) ^ set(b)) or sorted(k for k in a if a[k] != b.get(k))
+        what = f"parameters differ, e.g. {diff[0]}: {a.get(diff[0])} vs {b.get(diff[0])}"
+    raise InputError(
+        f"the checkpoint at step {step} has another architecture than the one at step {first.get('step')} "
+        f"({what}); influence over checkpoints follows one model as it trains: give a series of checkpoints of "
+        "one architecture, or measure each series under its own name"
+    )
+
+
+def measure_influence(
+    run: Run,
+    queries: SampleSet,
+    documents: SampleSet | None = None,
+    *,
+    steps: Sequence[int] | None = None,
+    name: str = "influence",
+    strategy: str = "ekfac",
+    fisher: str = "true",
+    damping: float | None = None,
+    modules: str = "lm",
+    batch_size: int = 32,
+    top_k_tokens: int = 5,
+    tokenizer=None,
+    document_info: pl.DataFrame | None = None,
+    query_info: pl.DataFrame | None = None,
+    truncate: bool = True,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Store:
+    """Influence scores of ``documents`` (default: the run's samples) on ``queries`` at each checkpoint.
+
+    Args:
+        queries: (prompt, completion) samples (:func:`~workbench.probes.influence.lm.lm_queries`).
+        documents: token sequences (every next token scored); longer than the model's context they are cut
+            with a warning (``truncate=False``: an error).
+        steps: the checkpoints to measure (default: all).
+        modules: ``"lm"`` (MLP linear layers, MoE experts and routers: :func:`~.moe.lm_modules`) or
+            ``"linear"`` (every nn.Linear).
+        strategy, fisher, damping, seed: as in :func:`fit_factors` / :func:`pairwise_scores`.
+        top_k_tokens: per query, the per-token contributions of this many top and bottom documents are kept.
+        tokenizer: turns token ids into text for the views (``tokens(ids)``, ``convert_ids_to_tokens`` or
+            ``decode``); without it the views show ids.
+        document_info, query_info: extra columns (joined on ``doc_id`` / ``query_id``) kept for the views.
+    Returns the run's store.
+    """
+    if modules not in MODULE_SETS:
+        raise InputError(f"modules must be one of {MODULE_SETS}, not {modules!r}")
+    if top_k_tokens < 0:
+        raise InputError(f"top_k_tokens must be >= 0, not {top_k_tokens}")
+    documents = documents if documents is not None else run.samples
+    if not isinstance(queries, SampleSet) or not isinstance(documents, SampleSet):
+        raise InputError("queries and documents must be SampleSets (lm_queries(...), lm_documents(...))")
+    store = run.store
+    options = {"strategy": strategy, "fisher": fisher, "damping": damping, "modules": modules,
+               "top_k_tokens": top_k_tokens, "seed": seed, "documents": _digest(documents),
+               "queries": _digest(queries), "truncate": truncate}
+    store.begin(name, options, overwrite=overwrite)
+    folder = store.root / name
+    write_parquet_atomic(_info_frame(documents, "doc_id", tokenizer, document_info), folder / "documents.parquet")
+    write_parquet_atomic(_info_frame(queries, "query_id", tokenizer, query_info), folder / "queries.parquet")
+    arch_file = folder / "architecture.json"
+    first = json.loads(arch_file.read_text()) if arch_file.exists() else None
+
+    wanted = [c for c in run.checkpoints if steps is None or c.step in steps]
+    if steps is not None:
+        missing = sorted(set(steps) - {c.step for c in wanted})
+        if missing:
+            raise InputError(f"run {run.name!r} has no checkpoints at steps {missing}; its steps are {run.steps}")
+    todo = [c for c in wanted if not store.has(name, c.step)]
+    task = LMTask()
+    bar = tqdm(todo, desc=f"influence {run.name}", unit="ckpt", disable=not progress)
+    for ckpt in bar:
+        bar.set_postfix(step=ckpt.step)
+        model = ckpt.load(device=device)
+        try:
+            arch = architecture(model) | {"step": ckpt.step}
+            if first is None:
+                first = arch
+                write_json_atomic(first, arch_file)
+            else:
+                _same_architecture(first, arch, ckpt.step)
+            docs = lm_documents(documents, n_ctx=model_context(model), vocab_size=model_vocab_size(model),
+                                truncate=truncate)
+            _check_queries(queries, model)
+            doc_b, q_b = batches(docs, batch_size), batches(queries, batch_size)
+            tracked = lm_modules(model, documents=doc_b) if modules == "lm" else resolve_modules(model, None)
+            part = _one_checkpoint(model, tracked, task, docs, queries, doc_b, q_b, strategy=strategy, fisher=fisher,
+                                   damping=damping, seed=seed, top_k=top_k_tokens, batch_size=batch_size,
+                                   progress=progress)
+        finally:
+            del model
+        store.write(name, ckpt.step, part)
+    return store
+
+
+def _check_queries(queries: SampleSet, model) -> None:
+    from workbench.probes.influence.lm import check_vocabulary
+
+    vocab, n_ctx = model_vocab_size(model), model_context(model)
+    if vocab is not None:
+        check_vocabulary(queries, vocab, "query")
+    if n_ctx is not None:
+        long = [(sid, n) for sid, n in zip(queries.ids, queries.lengths) if n > n_ctx]
+        if long:
+            raise InputError(f"query {long[0][0]!r} has {long[0][1]} tokens, more than the model's context of "
+                             f"{n_ctx}; shorten its prompt")
+    if not all(any(t != -100 for t in y) for y in queries.targets):
+        bad = next(sid for sid, y in zip(queries.ids, queries.targets) if all(t == -100 for t in y))
+        raise InputError(f"query {bad!r} scores no token (an empty completion); give every query a completion")
+
+
+def _one_checkpoint(model, tracked, task, docs, queries, doc_b, q_b, *, strategy, fisher, damping, seed, top_k,
+                    batch_size, progress) -> pl.DataFrame:
+    common = dict(loss_fn=task.loss, modules=tracked, mask_fn=task.mask)
+    factors = fit_factors(model, doc_b, strategy=strategy, fisher=fisher, seed=seed, report=False,
+                          progress=progress, **common)
+    scores = pairwise_scores(model, factors, q_b, doc_b, measurement_fn=task.measurement, damping=damping,
+                             progress=progress, **common)
+    nll = completion_nll(model, queries, batch_size)
+    q_ids, d_ids = queries.ids, docs.ids
+    n_q, n_d = scores.shape
+    parts = [
+        pl.DataFrame({"metric": "score", "query_id": [q for q in q_ids for _ in range(n_d)],
+                      "group": [g for g in queries.groups for _ in range(n_d)], "doc_id": d_ids * n_q,
+                      "value": scores.double().flatten().numpy()}),
+        pl.DataFrame({"metric": "nll", "query_id": q_ids, "group": queries.groups, "value": nll.double().numpy()}),
+    ]
+    if top_k > 0:
+        parts.append(_token_scores(model, factors, task, docs, queries, scores, top_k, damping, tracked, progress))
+    return pl.concat(parts, how="diagonal_relaxed").with_columns(pl.col("position").cast(pl.Int32))
+
+
+def _token_scores(model, factors, task, docs, queries, scores, top_k, damping, tracked, progress) -> pl.DataFrame:
+    """Per-token contributions of each query's top and bottom documents, one small pass per query (scoring
+    every token of every document against every query would cost queries × tokens times more)."""
+    k = min(top_k, scores.shape[1])
+    rows = []
+    for qi, qid in enumerate(queries.ids):
+        picked = torch.cat([torch.topk(scores[qi], k).indices, torch.topk(-scores[qi], k).indices]).unique().tolist()
+        sub = docs.select(picked)
+        _, tokens = pairwise_scores(model, factors, batches(queries.select([qi])), batches(sub, len(picked)),
+                                    loss_fn=task.loss, measurement_fn=task.measurement, mask_fn=task.mask,
+                                    modules=tracked, damping=damping, per_token=True, progress=False)
+        for j, di in enumerate(picked):
+            n = docs.lengths[di]
+            # Position t predicts token t + 1: its contribution is shown on that token (position t + 1).
+            contrib = tokens[0, j, : n - 1].double()
+            rows.append(pl.DataFrame({"metric": "token_score", "query_id": qid, "group": queries.groups[qi],
+                                      "doc_id": docs.ids[di], "position": list(range(1, n)),
+                                      "value": contrib.numpy()}))
+    return pl.concat(rows) if rows else pl.DataFrame()
+
+
+# --- reading back -------------------------------------------------------------------------------------------
+def influence_tables(store: Store, name: str = "influence") -> dict[str, pl.DataFrame]:
+    """The probe's scores (``scores``: step, query_id, doc_id, value), per-query NLL (``nll``), per-token
+    contributions (``tokens``) and the documents' and queries' information (``documents``, ``queries``)."""
+    if name not in store.probes():
+        raise InputError(f"the store at {store.root} has no influence table {name!r}; run measure_influence first")
+    table = store.table(name)
+    folder = Path(store.root) / name
+    out = {
+        "scores": table.filter(pl.col("metric") == "score").select("step", "group", "query_id", "doc_id", "value"),
+        "nll": table.filter(pl.col("metric") == "nll").select("step", "group", "query_id", "value"),
+        "tokens": table.filter(pl.col("metric") == "token_score").select("step", "query_id", "doc_id", "position",
+                                                                         "value"),
+    }
+    for what in ("documents", "queries"):
+        f = folder / f"{what}.parquet"
+        out[what] = pl.read_parquet(f) if f.exists() else None
+    return out
+
+
+def score_matrix(scores: pl.DataFrame, step: int, query_ids: Sequence[str] | None = None,
+                 doc_ids: Sequence[str] | None = None) -> tuple[torch.Tensor, list[str], list[str]]:
+    """The [queries, documents] score matrix at ``step`` from the long table, with its row and column ids."""
+    at = scores.filter(pl.col("step") == step)
+    if at.is_empty():
+        raise InputError(f"no influence scores at step {step}; the steps are {sorted(scores['step'].unique())}")
+    q = list(query_ids) if query_ids is not None else at["query_id"].unique(maintain_order=True).to_list()
+    d = list(doc_ids) if doc_ids is not None else at["doc_id"].unique(maintain_order=True).to_list()
+    wide = at.pivot(on="doc_id", index="query_id", values="value")
+    wide = pl.DataFrame({"query_id": q}).join(wide, on="query_id", how="left")
+    mat = torch.tensor(wide.select(d).to_numpy(), dtype=torch.float64)
+    return mat, q, d
+
+
+def builtin_influence(run: Run, *, steps: Sequence[int] | None = None, name: str = "influence",
+                      queries: str = "selected", **kwargs) -> Store:
+    """:func:`measure_influence` on the built-in language-model run (:func:`workbench.toys.lm.ensure_lm_run`):
+    its documents, its queries (``"selected"``: those the last checkpoint answers right; ``"all"``: every
+    candidate), its tokenizer and the corpus's information columns."""
+    from workbench.toys.lm import lm_corpus
+
+    if queries not in ("selected", "all"):
+        raise InputError(f"queries must be 'selected' or 'all', not {queries!r}")
+    corpus = lm_corpus(run, selected_only=queries == "selected")
+    if corpus.queries.is_empty():
+        raise InputError(f"the last checkpoint of run {run.name!r} answers none of its queries right, so none is "
+                         "selected; train longer, or pass queries='all'")
+    q_info = corpus.queries.select("query_id", "kind", "task", "entity", "attribute", "prompt", "completion", "answer")
+    d_info = corpus.documents.select("doc_id", "kind", "task", "entity", "attribute", "value", "answer", "text")
+    return measure_influence(run, corpus.query_samples(), corpus.document_samples(), steps=steps, name=name,
+                             tokenizer=corpus.tokenizer, document_info=d_info, query_info=q_info, **kwargs)
+
+
+__all__ = ["architecture", "builtin_influence", "influence_tables", "measure_influence", "score_matrix"]
