@@ -130,3 +130,22 @@ def test_killed_measurement_resumes_to_identical_tables(tiny_run, tmp_path):
         assert a.store.table(probe).equals(b.store.table(probe))
     leftovers = [f for f in a.store.root.rglob("*") if f.name.endswith(".tmp")]
     assert leftovers == []
+
+
+def test_an_error_mid_run_keeps_what_was_measured(tiny_run, tmp_path):
+    """A checkpoint that fails (here: corrupt) stops the run with its error; the parts before it stay, and
+    after the fix the run resumes from there."""
+    from workbench.errors import CorruptCheckpointError
+
+    run = _copy(tiny_run, tmp_path)
+    bad = run.checkpoints[3].path / "model.safetensors"
+    good = bad.read_bytes()
+    bad.write_bytes(good[:64])
+    with pytest.raises(CorruptCheckpointError):
+        measure(run, [LossAccuracy()], progress=False)
+    assert run.store.steps("basic") == run.steps[:3]
+    first = run.store.table("basic")
+    bad.write_bytes(good)
+    measure(run, [LossAccuracy()], progress=False)
+    assert run.store.steps("basic") == run.steps
+    assert run.store.table("basic").filter(pl.col("step").is_in(run.steps[:3])).equals(first)
