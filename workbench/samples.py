@@ -85,14 +85,11 @@ class SampleSet:
     def padded(self, indices: Sequence[int], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Right-padded ``input_ids``, ``targets`` (-100 on padding) and ``attention_mask`` for a batch."""
         width = max(self.lengths[i] for i in indices)
-        x = torch.full((len(indices), width), pad_id, dtype=torch.long)
-        y = torch.full((len(indices), width), IGNORE, dtype=torch.long)
-        mask = torch.zeros((len(indices), width), dtype=torch.long)
-        for row, i in enumerate(indices):
-            n = self.lengths[i]
-            x[row, :n] = torch.as_tensor(self.input_ids[i])
-            y[row, :n] = torch.as_tensor(self.targets[i])
-            mask[row, :n] = 1
+        # Pad as Python lists and convert once: one tensor per sample costs more than the forward pass of a
+        # small model.
+        x = torch.tensor([self.input_ids[i] + [pad_id] * (width - self.lengths[i]) for i in indices], dtype=torch.long)
+        y = torch.tensor([self.targets[i] + [IGNORE] * (width - self.lengths[i]) for i in indices], dtype=torch.long)
+        mask = torch.tensor([[1] * self.lengths[i] + [0] * (width - self.lengths[i]) for i in indices], dtype=torch.long)
         return x, y, mask
 
     # --- construction from text -------------------------------------------------------------------------
