@@ -27,7 +27,7 @@ def bare_forward(model, samples, token_budget):
             model(input_ids=x, attention_mask=mask).logits
 
 
-def best_ratio(model, samples, spec, token_budget=16384, repeats=7):
+def best_ratio(model, samples, spec, token_budget=16384, repeats=15):
     model.eval()
     run_capture = lambda: capture(model, samples, spec, token_budget=token_budget, device="cpu")  # noqa: E731
     run_bare = lambda: bare_forward(model, samples, token_budget)  # noqa: E731

@@ -235,7 +235,10 @@ def capture(
     ``autocast`` defaults to bf16 autocast on CUDA and none on CPU.
     """
     device = torch.device(device) if device is not None else default_device()
-    model = model.to(device).eval()
+    first = next(model.parameters(), None)
+    if first is not None and first.device != device:
+        model = model.to(device)
+    model.eval()
     vocab = _vocab_size(model)
     if vocab is not None and samples.max_token() >= vocab:
         raise TokenizerMismatchError(
