@@ -7,16 +7,17 @@ import polars as pl
 import pytest
 import torch
 
-from workbench import LossAccuracy, capture, measure
+from workbench import LossAccuracy, Run, capture, measure
 from workbench.errors import InputError, StoreError
 from workbench.probes import calibration as cal
 from workbench.probes.calibration_driver import SCALARS, Calibration, scalar_table, transition_summary
 
 
 @pytest.fixture(scope="module")
-def measured(tiny_run):
-    measure(tiny_run, [Calibration(bootstrap=200), LossAccuracy()], progress=False)
-    return tiny_run
+def measured(tiny_run, tmp_path_factory):
+    run = Run.from_folder(tiny_run.folder, store_root=tmp_path_factory.mktemp("cal"))
+    measure(run, [Calibration(bootstrap=200), LossAccuracy()], progress=False)
+    return run
 
 
 def test_rows_match_the_metrics_on_a_fresh_capture(measured):

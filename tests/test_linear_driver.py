@@ -14,10 +14,11 @@ from workbench.probes.linear_driver import LinearProbeAccuracy, answer_tokens, c
 
 
 @pytest.fixture(scope="module")
-def measured(tiny_run):
-    store = workbench.measure(tiny_run, [LinearProbeAccuracy(), workbench.LossAccuracy(per_sample=False)],
-                              progress=False, overwrite=True)
-    return tiny_run, store.table("probes")
+def measured(tiny_run, tmp_path_factory):
+    run = workbench.Run.from_folder(tiny_run.folder, store_root=tmp_path_factory.mktemp("probes"))
+    store = workbench.measure(run, [LinearProbeAccuracy(), workbench.LossAccuracy(per_sample=False)],
+                              progress=False)
+    return run, store.table("probes")
 
 
 def test_rows_per_layer_and_checkpoint(measured):

@@ -176,3 +176,9 @@ def test_run_without_samples_says_how_to_give_them(tmp_path):
     save_series("llama", tmp_path, steps=(1,))
     with pytest.raises(InputError, match="samples="):
         Run.from_folder(tmp_path).samples
+
+
+def test_a_separate_store_root_keeps_the_runs_own_files(tiny_run, tmp_path):
+    run = Run.from_folder(tiny_run.folder, store_root=tmp_path / "elsewhere")
+    assert run.store.root == tmp_path / "elsewhere" / "store"
+    assert run.samples.ids == tiny_run.samples.ids

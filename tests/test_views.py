@@ -3,14 +3,15 @@
 import polars as pl
 import pytest
 
-from workbench import LossAccuracy, RoutingStats, figures, measure
+from workbench import LossAccuracy, RoutingStats, Run, figures, measure
 from workbench.errors import StoreError
 
 
 @pytest.fixture(scope="module")
-def measured(tiny_run):
-    measure(tiny_run, [LossAccuracy(), RoutingStats()], progress=False)
-    return tiny_run
+def measured(tiny_run, tmp_path_factory):
+    run = Run.from_folder(tiny_run.folder, store_root=tmp_path_factory.mktemp("views"))
+    measure(run, [LossAccuracy(), RoutingStats()], progress=False)
+    return run
 
 
 def test_with_slider_has_one_frame_per_step(measured):

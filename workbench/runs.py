@@ -223,6 +223,7 @@ class Run:
         root: str | os.PathLike,
         samples: SampleSet | None = None,
         info: dict | None = None,
+        folder: str | os.PathLike | None = None,
     ):
         if not checkpoints:
             raise NoCheckpointsError(f"run {name!r} has no checkpoints")
@@ -232,7 +233,8 @@ class Run:
             raise InputError(f"run {name!r} has several checkpoints for step(s) {dup}; give each step one checkpoint")
         self.name = name
         self.checkpoints = sorted(checkpoints, key=lambda c: c.step)
-        self.root = Path(root)
+        self.root = Path(root)  # where the store and reports go
+        self.folder = Path(folder) if folder is not None else self.root  # where the run's own files are
         self._samples = samples
         self.info = info or {}
 
@@ -256,7 +258,7 @@ class Run:
     @property
     def samples(self) -> SampleSet:
         if self._samples is None:
-            f = self.root / "samples.parquet"
+            f = self.folder / "samples.parquet"
             if f.exists():
                 self._samples = SampleSet.load(f)
             else:
@@ -325,7 +327,8 @@ class Run:
             ]
             if not ckpts:
                 raise NoCheckpointsError(f"built-in run {folder} has no step_* folders; train it again")
-            return cls(name or info.get("name", folder.name), ckpts, root=store_root or folder, samples=samples, info=info)
+            return cls(name or info.get("name", folder.name), ckpts, root=store_root or folder, samples=samples,
+                       info=info, folder=folder)
         ckpts = []
         if (folder / "config.json").exists():  # a single HF checkpoint
             ckpts.append(Checkpoint(step=0, source=str(folder), kind="hf", hf_kwargs=hf_kwargs))
@@ -408,7 +411,7 @@ class Run:
         if any(s is None for s in steps):
             raise InputError("cannot tell the steps from the file names; pass steps= explicitly")
         ckpts = [Checkpoint(step=s, source=str(f), kind="state_dict", builder=build) for s, f in zip(steps, files)]
-        return cls(name or folder.name, ckpts, root=store_root or folder, samples=samples)
+        return cls(name or folder.name, ckpts, root=store_root or folder, samples=samples, folder=folder)
 
 
 def _check_same_architecture(folders: Sequence[Path]) -> None:

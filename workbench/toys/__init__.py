@@ -7,13 +7,11 @@ carries a hash of the settings, so a changed setting trains a new run instead of
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
-import json
 import os
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
+from workbench.toys.cache import config_folder, home, locked, pinned_threads, quick_from_env
 from workbench.toys.model import ToyConfig, ToyMoETransformer
 from workbench.toys.modular import modular_addition
 from workbench.toys.train import GrokConfig, checkpoint_steps, train_modular
@@ -24,13 +22,8 @@ DEMO = GrokConfig()
 QUICK = replace(DEMO, steps=600, n_checkpoints=12, name="modular-moe-quick")
 
 
-def home() -> Path:
-    return Path(os.environ.get("WORKBENCH_HOME", Path.home() / ".cache" / "workbench"))
-
-
 def run_folder(cfg: GrokConfig, root: str | os.PathLike | None = None) -> Path:
-    digest = hashlib.sha1(json.dumps(asdict(cfg), sort_keys=True).encode()).hexdigest()[:8]
-    return Path(root) if root is not None else home() / "runs" / f"{cfg.name}-{digest}"
+    return config_folder(cfg, root)
 
 
 def ensure_run(
@@ -48,14 +41,9 @@ def ensure_run(
     from workbench.runs import Run
 
     if config is None:
-        if quick is None:
-            quick = os.environ.get("WORKBENCH_QUICK", "0") == "1"
-        config = QUICK if quick else DEMO
-    folder = run_folder(config, root)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    # A lock, so that parallel notebooks or test workers train the run once and the others wait for it.
-    with open(folder.parent / f".{folder.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        config = QUICK if quick_from_env(quick) else DEMO
+    folder = config_folder(config, root)
+    with locked(folder):
         if retrain or not (folder / "run.json").exists():
             train_modular(config, folder, progress=progress)
     return Run.from_folder(folder)
@@ -71,6 +59,7 @@ __all__ = [
     "ensure_run",
     "home",
     "modular_addition",
+    "pinned_threads",
     "run_folder",
     "train_modular",
 ]

@@ -17,8 +17,6 @@ right (greedy decoding reproduces the whole completion), up to the configured nu
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
 import json
 import math
 import os
@@ -35,6 +33,7 @@ from tqdm.auto import tqdm
 
 from workbench.errors import InputError
 from workbench.samples import IGNORE, SampleSet
+from workbench.toys.cache import config_folder, locked, pinned_threads, quick_from_env
 from workbench.toys.corpus import Corpus, CorpusConfig, WordTokenizer, make_corpus
 from workbench.toys.model import ToyConfig, ToyMoETransformer
 from workbench.toys.train import RUN_FORMAT
@@ -79,10 +78,7 @@ LM_QUICK = LMConfig(
 
 
 def run_folder(cfg: LMConfig, root: str | os.PathLike | None = None) -> Path:
-    from workbench.toys import home
-
-    digest = hashlib.sha1(json.dumps(asdict(cfg), sort_keys=True).encode()).hexdigest()[:8]
-    return Path(root) if root is not None else home() / "runs" / f"{cfg.name}-{digest}"
+    return config_folder(cfg, root)
 
 
 def ensure_lm_run(config: LMConfig | None = None, *, quick: bool | None = None,
@@ -94,13 +90,9 @@ def ensure_lm_run(config: LMConfig | None = None, *, quick: bool | None = None,
     from workbench.runs import Run
 
     if config is None:
-        if quick is None:
-            quick = os.environ.get("WORKBENCH_QUICK", "0") == "1"
-        config = LM_QUICK if quick else LM_DEMO
+        config = LM_QUICK if quick_from_env(quick) else LM_DEMO
     folder = run_folder(config, root)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with open(folder.parent / f".{folder.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with locked(folder):
         if retrain or not (folder / "run.json").exists():
             train_lm(config, folder, progress=progress)
     return Run.from_folder(folder)
@@ -157,6 +149,7 @@ def _epoch(lengths: torch.Tensor, batch_size: int, gen: torch.Generator) -> list
 
 
 # --- training -----------------------------------------------------------------------------------------------
+@pinned_threads()
 def train_lm(cfg: LMConfig, out_dir: str | os.PathLike, progress: bool = True) -> Path:
     """Train the run and save it to ``out_dir`` (through a temporary folder renamed at the end)."""
     out = Path(out_dir)

@@ -19,8 +19,6 @@ named by a hash of the settings, behind a file lock; later calls, the notebook a
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
 import json
 import os
 import shutil
@@ -35,6 +33,7 @@ from tqdm.auto import tqdm
 
 from workbench.probes.forgetting import ChoiceTask, combine, forget, open_forgetting_run, save_choices
 from workbench.samples import IGNORE, SampleSet
+from workbench.toys.cache import config_folder, locked, pinned_threads, quick_from_env
 from workbench.toys.model import ToyConfig, ToyMoETransformer
 from workbench.toys.train import RUN_FORMAT, checkpoint_steps
 
@@ -156,6 +155,7 @@ def _two_option_accuracy(model, x, y, mask_last) -> float:
         return (pred == y).float().mean().item()
 
 
+@pinned_threads()
 def train_tasks(cfg: TasksConfig, out_dir: str | os.PathLike, progress: bool = True) -> Path:
     """Train the model on every task at once and save the run (written to a temporary folder, then renamed)."""
     out = Path(out_dir)
@@ -240,15 +240,8 @@ class TasksRun:
         return make_tasks(self.config)
 
 
-def home() -> Path:
-    from workbench.toys import home as _home
-
-    return _home()
-
-
 def study_folder(cfg: TasksConfig, root: str | os.PathLike | None = None) -> Path:
-    digest = hashlib.sha1(json.dumps(asdict(cfg), sort_keys=True).encode()).hexdigest()[:8]
-    return Path(root) if root is not None else home() / "runs" / f"{cfg.name}-{digest}"
+    return config_folder(cfg, root)
 
 
 def ensure_tasks_run(
@@ -263,14 +256,10 @@ def ensure_tasks_run(
     from workbench.runs import Run
 
     if config is None:
-        if quick is None:
-            quick = os.environ.get("WORKBENCH_QUICK", "0") == "1"
-        config = QUICK if quick else DEMO
+        config = QUICK if quick_from_env(quick) else DEMO
     folder = study_folder(config, root)
     folder.mkdir(parents=True, exist_ok=True)
-    # A lock, so that parallel notebooks or test workers train the study once and the others wait for it.
-    with open(folder.parent / f".{folder.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with locked(folder), pinned_threads():
         if retrain or not (folder / "train" / "run.json").exists():
             for d in folder.glob("forget-*"):
                 shutil.rmtree(d)

@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from workbench.samples import SampleSet
+from workbench.toys.cache import pinned_threads
 from workbench.toys.model import ToyConfig, ToyMoETransformer
 from workbench.toys.modular import modular_addition
 
@@ -113,6 +114,7 @@ def _evaluate(model, x, y) -> tuple[float, float]:
         return F.cross_entropy(logits, y).item(), (logits.argmax(-1) == y).float().mean().item()
 
 
+@pinned_threads()
 def train_modular(cfg: GrokConfig, out_dir: str | os.PathLike, progress: bool = True) -> Path:
     """Train a run and save it to ``out_dir``; written to a temporary folder first, then renamed, so a
     killed training never leaves a half run that looks complete."""
