@@ -8,6 +8,7 @@ from widgets.base import CheckpointView
 from widgets.calibration import ReliabilityView
 from widgets.explorer import CheckpointExplorer
 from widgets.influence import InfluenceBrowser
+from widgets.pathways import PathwayView
 from widgets.probes import ProbeView
 
-__all__ = ["CheckpointExplorer", "CheckpointView", "InfluenceBrowser", "ProbeView", "ReliabilityView"]
+__all__ = ["CheckpointExplorer", "CheckpointView", "InfluenceBrowser", "PathwayView", "ProbeView", "ReliabilityView"]

@@ -13,11 +13,12 @@ from workbench.errors import InputError, WorkbenchError
 MEASUREMENTS: dict[str, str] = {
     "basic": "workbench.measure:LossAccuracy",
     "routing": "workbench.measure:RoutingStats",
+    "pathways": "workbench.probes.pathways_driver:RoutingPathways",
     "calibration": "workbench.probes.calibration_driver:Calibration",
     "probes": "workbench.probes.linear_driver:LinearProbeAccuracy",
 }
 #: What ``workbench demo`` measures on the built-in run.
-DEMO_MEASUREMENTS: list[str] = ["basic", "routing", "calibration"]
+DEMO_MEASUREMENTS: list[str] = ["basic", "routing", "calibration", "pathways"]
 
 
 def make_measurement(name: str):

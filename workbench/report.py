@@ -41,6 +41,7 @@ class Section:
 SECTIONS: list[str] = [
     "workbench.report:training_section",
     "workbench.report:routing_section",
+    "workbench.figures.pathways:report_section",
     "workbench.figures.calibration:report_section",
     "workbench.figures.probes:report_section",
     "workbench.figures.influence:report_section",
