@@ -1,6 +1,7 @@
 """Capture overhead: time of `workbench.capture` divided by a bare forward pass over the same batches.
 
-Both are measured side by side in one process, alternating, best of several repeats, on
+Both are measured side by side in one process, in 21 back-to-back pairs (alternating which runs first),
+and the median of the per-pair ratios is printed, on
 - the built-in MoE model (demo shape, modular addition, 961 samples), and
 - a tiny random-weight OLMoE (8 layers, 16 experts, d=64) on 512 random token sequences of 16 to 64 tokens.
 The bare forward runs the model under inference_mode on the same length-bucketed, right-padded batches
@@ -11,6 +12,7 @@ with an attention mask; capture adds its router and loss hooks and the per-sampl
 
 from __future__ import annotations
 
+import statistics
 import time
 
 import torch
@@ -20,25 +22,39 @@ from workbench.samples import length_buckets
 
 
 def bare_forward(model, samples, token_budget):
-    batches = length_buckets(samples.lengths, token_budget, 512)
+    batches = length_buckets(samples.lengths, token_budget, 4096)
     with torch.inference_mode():
         for idx in batches:
             x, _, mask = samples.padded(idx)
             model(input_ids=x, attention_mask=mask).logits
 
 
-def best_ratio(model, samples, spec, token_budget=16384, repeats=15):
+def paired_ratios(model, samples, spec, token_budget=16384, repeats=21):
+    """Capture and bare forward timed back to back, alternating which goes first; one ratio per pair.
+
+    The median of paired ratios is steadier than a ratio of two separate minimums: both members of a pair
+    see the same machine state (frequency, caches, other load).
+    """
     model.eval()
     run_capture = lambda: capture(model, samples, spec, token_budget=token_budget, device="cpu")  # noqa: E731
     run_bare = lambda: bare_forward(model, samples, token_budget)  # noqa: E731
     run_capture(), run_bare()  # warm-up
-    t_cap, t_bare = [], []
-    for _ in range(repeats):
-        for fn, acc in ((run_bare, t_bare), (run_capture, t_cap)):
+    t = time.perf_counter()
+    run_bare()
+    number = max(1, round(0.25 / (time.perf_counter() - t)))  # calls per timing: at least ~0.25 s of work
+    ratios, t_cap, t_bare = [], [], []
+    for i in range(repeats):
+        times = {}
+        order = ((run_bare, "bare"), (run_capture, "cap")) if i % 2 == 0 else ((run_capture, "cap"), (run_bare, "bare"))
+        for fn, name in order:
             t = time.perf_counter()
-            fn()
-            acc.append(time.perf_counter() - t)
-    return min(t_cap), min(t_bare)
+            for _ in range(number):
+                fn()
+            times[name] = (time.perf_counter() - t) / number
+        ratios.append(times["cap"] / times["bare"])
+        t_cap.append(times["cap"])
+        t_bare.append(times["bare"])
+    return statistics.median(ratios), statistics.quantiles(ratios, n=4), statistics.median(t_cap), statistics.median(t_bare)
 
 
 def builtin_case():
@@ -67,8 +83,9 @@ def main():
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU")
     spec = CaptureSpec(routing=True, expert_load=True)
     for name, (model, samples) in (("built-in MoE", builtin_case()), ("tiny OLMoE", olmoe_case())):
-        cap, bare = best_ratio(model, samples, spec)
-        print(f"{name:14s} capture {cap * 1e3:8.1f} ms   bare forward {bare * 1e3:8.1f} ms   ratio {cap / bare:.3f}")
+        ratio, (q1, _, q3), cap, bare = paired_ratios(model, samples, spec)
+        print(f"{name:14s} capture {cap * 1e3:8.1f} ms   bare forward {bare * 1e3:8.1f} ms   "
+              f"ratio {ratio:.3f} (median of 21 pairs; quartiles {q1:.3f}-{q3:.3f})")
 
 
 if __name__ == "__main__":

@@ -145,3 +145,21 @@ def test_gpu_capture_matches_cpu():
     gpu = capture(model, s, spec, device="cuda", autocast=False)
     torch.testing.assert_close(cpu.routing, gpu.routing, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(cpu.loss, gpu.loss, atol=1e-4, rtol=1e-4)
+
+
+def test_nan_logits_are_a_clear_error():
+    from workbench.errors import NumericalError
+
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.lm_head.weight[3] = float("nan")
+    with pytest.raises(NumericalError, match="NaN or infinite logits"):
+        capture(model, SampleSet.from_token_lists(random_tokens(4)))
+
+
+def test_a_model_in_training_mode_is_captured_in_eval_mode():
+    model = tiny_model("olmoe").train()
+    s = SampleSet.from_token_lists(random_tokens(4))
+    a = capture(model, s)
+    assert not model.training
+    torch.testing.assert_close(a.loss, capture(model, s).loss)

@@ -175,7 +175,7 @@ class SampleSet:
         )
 
 
-def length_buckets(lengths: Sequence[int], token_budget: int = 16384, max_batch: int = 512) -> list[list[int]]:
+def length_buckets(lengths: Sequence[int], token_budget: int = 16384, max_batch: int = 4096) -> list[list[int]]:
     """Batches of sample indices sorted by length, each within ``token_budget`` padded tokens.
 
     Sorting by length keeps padding small; the order inside the result is by length, so callers scatter
