@@ -20,23 +20,19 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import polars as pl
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
-from tqdm.auto import tqdm
 
 from workbench.errors import InputError
 from workbench.samples import IGNORE, SampleSet
 from workbench.toys.cache import config_folder, locked, pinned_threads, quick_from_env
 from workbench.toys.corpus import Corpus, CorpusConfig, WordTokenizer, make_corpus
 from workbench.toys.model import ToyConfig, ToyMoETransformer
-from workbench.toys.train import RUN_FORMAT
+from workbench.toys.train import RUN_FORMAT, adamw, building, save_checkpoint, train_loop
 
 
 @dataclass(frozen=True)
@@ -152,10 +148,12 @@ def _epoch(lengths: torch.Tensor, batch_size: int, gen: torch.Generator) -> list
 @pinned_threads()
 def train_lm(cfg: LMConfig, out_dir: str | os.PathLike, progress: bool = True) -> Path:
     """Train the run and save it to ``out_dir`` (through a temporary folder renamed at the end)."""
-    out = Path(out_dir)
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    with building(out_dir) as tmp:
+        _train_lm(cfg, tmp, progress)
+    return Path(out_dir)
+
+
+def _train_lm(cfg: LMConfig, tmp: Path, progress: bool) -> None:
 
     corpus = make_corpus(cfg.corpus)
     docs = corpus.document_samples()
@@ -165,10 +163,7 @@ def train_lm(cfg: LMConfig, out_dir: str | os.PathLike, progress: bool = True) -
     model_cfg = cfg.model_config(len(corpus.tokenizer), n_ctx)
     torch.manual_seed(cfg.seed)
     model = ToyMoETransformer(model_cfg)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas, foreach=True)
+    opt = adamw(model, cfg.lr, cfg.weight_decay, cfg.betas, foreach=True)
     # Linear warmup, then cosine decay to a tenth: the late checkpoints settle instead of bouncing.
     def lr_at(s: int) -> float:
         if s < cfg.warmup:
@@ -186,46 +181,31 @@ def train_lm(cfg: LMConfig, out_dir: str | os.PathLike, progress: bool = True) -
     kinds = corpus.queries["kind"].to_list()
     history, correct_at = [], {}
 
-    def save(step: int) -> None:
-        model.eval()
+    def on_checkpoint(step: int) -> dict:
         correct = completion_correct(model, queries)
         correct_at[step] = correct
         fact = [c for c, k in zip(correct.tolist(), kinds) if k == "factual"]
         reas = [c for c, k in zip(correct.tolist(), kinds) if k == "reasoning"]
         metrics = dict(doc_loss=mean_token_loss(model, docs), factual_acc=sum(fact) / max(1, len(fact)),
                        reasoning_acc=sum(reas) / max(1, len(reas)))
-        model.train()
         history.append({"step": step, **metrics})
-        d = tmp / f"step_{step:06d}"
-        d.mkdir()
-        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-        save_file(state, d / "model.safetensors", metadata={"format": "pt"})
-        (d / "meta.json").write_text(json.dumps({"step": step, "metrics": metrics}, indent=1))
-        bar.set_postfix(loss=f"{metrics['doc_loss']:.2f}", fact=f"{metrics['factual_acc']:.2f}",
-                        reason=f"{metrics['reasoning_acc']:.2f}")
+        save_checkpoint(tmp, step, model, metrics)
+        return dict(loss=f"{metrics['doc_loss']:.2f}", fact=f"{metrics['factual_acc']:.2f}",
+                    reason=f"{metrics['reasoning_acc']:.2f}")
 
-    start = time.perf_counter()
-    bar = tqdm(range(cfg.steps + 1), desc=f"training {cfg.name}", disable=not progress, mininterval=1.0)
-    todo = set(steps)
-    model.train()
-    for step in bar:
-        if step in todo:
-            save(step)
-        if step == cfg.steps:
-            break
+    def batch_loss() -> torch.Tensor:
+        nonlocal batches
         if not batches:
             batches = _epoch(lengths, cfg.batch_size, gen)
         idx = batches.pop()
         width = int(lengths[idx].max())
         x, y = x_all[idx, :width], y_all[idx, :width]
         logits = model(x).logits
-        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        sched.step()
-    seconds = time.perf_counter() - start
+        return F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE)
+
+    seconds = train_loop(model, opt, sched, steps=cfg.steps, checkpoints=steps, batch_loss=batch_loss,
+                         on_checkpoint=on_checkpoint, grad_clip=cfg.grad_clip, desc=f"training {cfg.name}",
+                         progress=progress)
 
     # Select the queries the last checkpoint answers right, up to the configured numbers per kind and task.
     q = corpus.queries.with_columns(
@@ -253,9 +233,6 @@ def train_lm(cfg: LMConfig, out_dir: str | os.PathLike, progress: bool = True) -
                     "correct_final": int(q[f"correct_{steps[-1]}"].sum())},
     }
     (tmp / "run.json").write_text(json.dumps(meta, indent=1))
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
-    return out
 
 
 # --- reading a run's corpus back ------------------------------------------------------------------------------

@@ -22,20 +22,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
-from tqdm.auto import tqdm
 
 from workbench.probes.forgetting import ChoiceTask, combine, forget, open_forgetting_run, save_choices
 from workbench.samples import IGNORE, SampleSet
 from workbench.toys.cache import config_folder, locked, pinned_threads, quick_from_env
 from workbench.toys.model import ToyConfig, ToyMoETransformer
-from workbench.toys.train import RUN_FORMAT, checkpoint_steps
+from workbench.toys.train import RUN_FORMAT, adamw, building, checkpoint_steps, save_checkpoint, train_loop
 
 N_CONTENT = 64
 QUERY, OPT_A, OPT_B = N_CONTENT, N_CONTENT + 1, N_CONTENT + 2
@@ -158,70 +155,47 @@ def _two_option_accuracy(model, x, y, mask_last) -> float:
 @pinned_threads()
 def train_tasks(cfg: TasksConfig, out_dir: str | os.PathLike, progress: bool = True) -> Path:
     """Train the model on every task at once and save the run (written to a temporary folder, then renamed)."""
-    out = Path(out_dir)
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    torch.manual_seed(cfg.seed)
-    tasks = make_tasks(cfg)
-    samples, options = combine([t.prefixed() for t in tasks.values()])
-    samples.save(tmp / "samples.parquet")
-    save_choices(tmp, samples, options)
+    with building(out_dir) as tmp:
+        torch.manual_seed(cfg.seed)
+        tasks = make_tasks(cfg)
+        samples, options = combine([t.prefixed() for t in tasks.values()])
+        samples.save(tmp / "samples.parquet")
+        save_choices(tmp, samples, options)
 
-    x_all, y_all, mask = samples.padded(range(len(samples)))
-    last = mask.sum(1) - 1
-    answer = y_all[torch.arange(len(samples)), last]
-    split_idx = {g: torch.tensor(samples.indices(g)) for g in samples.group_names}
-    train_idx = torch.cat([i for g, i in split_idx.items() if g.endswith(":train")])
+        x_all, y_all, mask = samples.padded(range(len(samples)))
+        last = mask.sum(1) - 1
+        answer = y_all[torch.arange(len(samples)), last]
+        split_idx = {g: torch.tensor(samples.indices(g)) for g in samples.group_names}
+        train_idx = torch.cat([i for g, i in split_idx.items() if g.endswith(":train")])
 
-    model = ToyMoETransformer(cfg.model_config())
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup))
-    steps = checkpoint_steps(cfg.steps, cfg.n_checkpoints)
-    history = []
-    gen = torch.Generator().manual_seed(cfg.seed + 7)
+        model = ToyMoETransformer(cfg.model_config())
+        opt = adamw(model, cfg.lr, cfg.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup))
+        steps = checkpoint_steps(cfg.steps, cfg.n_checkpoints)
+        history = []
+        gen = torch.Generator().manual_seed(cfg.seed + 7)
 
-    def save(step: int) -> None:
-        model.eval()
-        metrics = {g: _two_option_accuracy(model, x_all[i], answer[i], last[i]) for g, i in split_idx.items()}
-        model.train()
-        history.append({"step": step, **metrics})
-        d = tmp / f"step_{step:06d}"
-        d.mkdir()
-        save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, d / "model.safetensors",
-                  metadata={"format": "pt"})
-        (d / "meta.json").write_text(json.dumps({"step": step, "metrics": metrics}, indent=1))
-        bar.set_postfix(test=f"{sum(v for g, v in metrics.items() if g.endswith(':test')) / len(tasks):.2f}")
+        def on_checkpoint(step: int) -> dict:
+            metrics = {g: _two_option_accuracy(model, x_all[i], answer[i], last[i]) for g, i in split_idx.items()}
+            history.append({"step": step, **metrics})
+            save_checkpoint(tmp, step, model, metrics)
+            return dict(test=f"{sum(v for g, v in metrics.items() if g.endswith(':test')) / len(tasks):.2f}")
 
-    start = time.perf_counter()
-    bar = tqdm(range(cfg.steps + 1), desc=f"training {cfg.name}", disable=not progress, mininterval=1.0)
-    todo = set(steps)
-    model.train()
-    for step in bar:
-        if step in todo:
-            save(step)
-        if step == cfg.steps:
-            break
-        b = train_idx[torch.randint(0, len(train_idx), (cfg.batch_size,), generator=gen)]
-        logits = model(x_all[b]).logits
-        loss = F.cross_entropy(logits.flatten(0, 1), y_all[b].flatten(), ignore_index=IGNORE)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-    meta = {
-        "format": RUN_FORMAT, "kind": "builtin", "name": cfg.name, "task": "choice_tasks",
-        "tasks": list(cfg.tasks), "model": cfg.model_config().to_dict(), "training": asdict(cfg), "steps": steps,
-        "seconds": round(time.perf_counter() - start, 1), "history": history,
-    }
-    (tmp / "run.json").write_text(json.dumps(meta, indent=1))
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
-    return out
+        def batch_loss() -> torch.Tensor:
+            b = train_idx[torch.randint(0, len(train_idx), (cfg.batch_size,), generator=gen)]
+            logits = model(x_all[b]).logits
+            return F.cross_entropy(logits.flatten(0, 1), y_all[b].flatten(), ignore_index=IGNORE)
+
+        seconds = train_loop(model, opt, sched, steps=cfg.steps, checkpoints=steps, batch_loss=batch_loss,
+                             on_checkpoint=on_checkpoint, grad_clip=1.0, desc=f"training {cfg.name}",
+                             progress=progress)
+        meta = {
+            "format": RUN_FORMAT, "kind": "builtin", "name": cfg.name, "task": "choice_tasks",
+            "tasks": list(cfg.tasks), "model": cfg.model_config().to_dict(), "training": asdict(cfg), "steps": steps,
+            "seconds": round(seconds, 1), "history": history,
+        }
+        (tmp / "run.json").write_text(json.dumps(meta, indent=1))
+    return Path(out_dir)
 
 
 # --- the cached study ----------------------------------------------------------------------------------------------

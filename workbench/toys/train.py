@@ -17,6 +17,8 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -102,6 +104,75 @@ def lr_factor(cfg: GrokConfig, step: int) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+@contextmanager
+def building(out_dir: str | os.PathLike) -> Iterator[Path]:
+    """A fresh temporary folder beside ``out_dir``, renamed to ``out_dir`` when the block ends without error,
+    so a killed training never leaves a half run that looks complete."""
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    yield tmp
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+
+
+def adamw(model: torch.nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.98), foreach: bool | None = None):
+    """AdamW with weight decay on matrices only (not on norms and biases)."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr, betas=betas, foreach=foreach,
+    )
+
+
+def save_checkpoint(folder: Path, step: int, model: torch.nn.Module, metrics: dict) -> None:
+    """``step_NNNNNN/model.safetensors`` and ``meta.json`` (step and metrics), the built-in run layout."""
+    d = folder / f"step_{step:06d}"
+    d.mkdir()
+    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, d / "model.safetensors",
+              metadata={"format": "pt"})
+    (d / "meta.json").write_text(json.dumps({"step": step, "metrics": metrics}, indent=1))
+
+
+def train_loop(
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    sched,
+    *,
+    steps: int,
+    checkpoints: list[int],
+    batch_loss: Callable[[], torch.Tensor],
+    on_checkpoint: Callable[[int], dict],
+    grad_clip: float,
+    desc: str,
+    progress: bool = True,
+) -> float:
+    """The loop every built-in run shares: at each checkpoint step call ``on_checkpoint`` in eval mode (its
+    return value is shown on the progress bar), else one optimizer step on ``batch_loss()`` with gradient
+    clipping. Returns the seconds it took."""
+    start = time.perf_counter()
+    bar = tqdm(range(steps + 1), desc=desc, disable=not progress, mininterval=1.0)
+    todo = set(checkpoints)
+    model.train()
+    for step in bar:
+        if step in todo:
+            model.eval()
+            shown = on_checkpoint(step)
+            model.train()
+            bar.set_postfix(**shown)
+        if step == steps:
+            break
+        loss = batch_loss()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        opt.step()
+        sched.step()
+    return time.perf_counter() - start
+
+
 def _batch(samples: SampleSet, group: str):
     idx = samples.indices(group)
     x, y, _ = samples.padded(idx)
@@ -116,75 +187,42 @@ def _evaluate(model, x, y) -> tuple[float, float]:
 
 @pinned_threads()
 def train_modular(cfg: GrokConfig, out_dir: str | os.PathLike, progress: bool = True) -> Path:
-    """Train a run and save it to ``out_dir``; written to a temporary folder first, then renamed, so a
-    killed training never leaves a half run that looks complete."""
-    out = Path(out_dir)
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    """Train a run and save it to ``out_dir`` (through a temporary folder renamed at the end)."""
+    with building(out_dir) as tmp:
+        torch.manual_seed(cfg.seed)
+        samples = modular_addition(cfg.p, cfg.train_fraction, seed=cfg.seed)
+        samples.save(tmp / "samples.parquet")
+        model = ToyMoETransformer(cfg.model_config())
+        x_tr, y_tr = _batch(samples, "train")
+        x_te, y_te = _batch(samples, "test")
+        opt = adamw(model, cfg.lr, cfg.weight_decay, cfg.betas, foreach=True)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(cfg, s))
+        steps = checkpoint_steps(cfg.steps, cfg.n_checkpoints)
+        history = []
 
-    torch.manual_seed(cfg.seed)
-    samples = modular_addition(cfg.p, cfg.train_fraction, seed=cfg.seed)
-    samples.save(tmp / "samples.parquet")
-    model = ToyMoETransformer(cfg.model_config())
-    x_tr, y_tr = _batch(samples, "train")
-    x_te, y_te = _batch(samples, "test")
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr,
-        betas=cfg.betas,
-        foreach=True,
-    )
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(cfg, s))
-    steps = checkpoint_steps(cfg.steps, cfg.n_checkpoints)
-    history = []
+        def on_checkpoint(step: int) -> dict:
+            train_loss, train_acc = _evaluate(model, x_tr, y_tr)
+            test_loss, test_acc = _evaluate(model, x_te, y_te)
+            metrics = dict(train_loss=train_loss, train_acc=train_acc, test_loss=test_loss, test_acc=test_acc)
+            history.append({"step": step, **metrics})
+            save_checkpoint(tmp, step, model, metrics)
+            return dict(train=f"{train_acc:.2f}", test=f"{test_acc:.2f}")
 
-    def save(step: int) -> None:
-        model.eval()
-        train_loss, train_acc = _evaluate(model, x_tr, y_tr)
-        test_loss, test_acc = _evaluate(model, x_te, y_te)
-        model.train()
-        metrics = dict(train_loss=train_loss, train_acc=train_acc, test_loss=test_loss, test_acc=test_acc)
-        history.append({"step": step, **metrics})
-        d = tmp / f"step_{step:06d}"
-        d.mkdir()
-        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-        save_file(state, d / "model.safetensors", metadata={"format": "pt"})
-        (d / "meta.json").write_text(json.dumps({"step": step, "metrics": metrics}, indent=1))
-        bar.set_postfix(train=f"{train_acc:.2f}", test=f"{test_acc:.2f}")
-
-    start = time.perf_counter()
-    bar = tqdm(range(cfg.steps + 1), desc=f"training {cfg.name}", disable=not progress, mininterval=1.0)
-    todo = set(steps)
-    model.train()
-    for step in bar:
-        if step in todo:
-            save(step)
-        if step == cfg.steps:
-            break
-        logits = model(x_tr).logits[:, -1]
-        loss = F.cross_entropy(logits, y_tr)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        sched.step()
-    seconds = time.perf_counter() - start
-
-    meta = {
-        "format": RUN_FORMAT,
-        "kind": "builtin",
-        "name": cfg.name,
-        "task": "modular_addition",
-        "model": cfg.model_config().to_dict(),
-        "training": asdict(cfg),
-        "steps": steps,
-        "seconds": round(seconds, 1),
-        "history": history,
-    }
-    (tmp / "run.json").write_text(json.dumps(meta, indent=1))
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
-    return out
+        seconds = train_loop(
+            model, opt, sched, steps=cfg.steps, checkpoints=steps,
+            batch_loss=lambda: F.cross_entropy(model(x_tr).logits[:, -1], y_tr),
+            on_checkpoint=on_checkpoint, grad_clip=cfg.grad_clip, desc=f"training {cfg.name}", progress=progress,
+        )
+        meta = {
+            "format": RUN_FORMAT,
+            "kind": "builtin",
+            "name": cfg.name,
+            "task": "modular_addition",
+            "model": cfg.model_config().to_dict(),
+            "training": asdict(cfg),
+            "steps": steps,
+            "seconds": round(seconds, 1),
+            "history": history,
+        }
+        (tmp / "run.json").write_text(json.dumps(meta, indent=1))
+    return Path(out_dir)
