@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 import ipywidgets as W
 import plotly.graph_objects as go
 
+from workbench.errors import StoreError
 from workbench.figures import nearest_step
 from workbench.runs import Run
 from workbench.store import Store
@@ -19,6 +20,15 @@ def as_store(source: Store | Run | str) -> Store:
     if isinstance(source, Run):
         return source.store
     return Run.from_folder(source).store
+
+
+def require_probe(source: Store | Run | str, probe: str, how: str) -> Store:
+    """The store behind ``source``, which must hold the ``probe`` table; else an error that says how to
+    measure it (``how``)."""
+    store = as_store(source)
+    if probe not in store.probes():
+        raise StoreError(f"the store at {store.root} has no {probe!r} table; measure the run first ({how})")
+    return store
 
 
 class CheckpointView(W.VBox):

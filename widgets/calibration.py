@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from workbench.errors import StoreError
 from workbench.figures import calibration as figs
 from workbench.runs import Run
 from workbench.store import Store
-from widgets.base import CheckpointView, as_store
+from widgets.base import CheckpointView, require_probe
 
 
 class ReliabilityView(CheckpointView):
@@ -18,12 +17,7 @@ class ReliabilityView(CheckpointView):
 
     def __init__(self, source: Store | Run | str, step: int | None = None, groups: Sequence[str] | None = None,
                  metrics: Sequence[str] = ("ece", "auroc"), panel_width: int = 520):
-        store = as_store(source)
-        if "calibration" not in store.probes():
-            raise StoreError(
-                f"the store at {store.root} has no 'calibration' table; measure it first "
-                "(workbench measure RUN --probe calibration, or workbench.measure(run, [Calibration()]))"
-            )
+        store = require_probe(source, "calibration", "workbench measure RUN --probe calibration, or workbench.measure(run, [Calibration()])")
         self.store = store
         self.table = store.table("calibration")
         panels = {

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from workbench import figures
-from workbench.errors import StoreError
 from workbench.runs import Run
 from workbench.store import Store
-from widgets.base import CheckpointView, as_store
+from widgets.base import CheckpointView, require_probe
 
 
 class CheckpointExplorer(CheckpointView):
@@ -14,12 +13,7 @@ class CheckpointExplorer(CheckpointView):
     that checkpoint (expert-load entropy per layer, expert load shares)."""
 
     def __init__(self, source: Store | Run | str, step: int | None = None, group: str = "all"):
-        store = as_store(source)
-        if "basic" not in store.probes():
-            raise StoreError(
-                f"the store at {store.root} has no 'basic' table; measure the run first "
-                "(workbench measure RUN, or workbench.measure(run, [LossAccuracy(), RoutingStats()]))"
-            )
+        store = require_probe(source, "basic", "workbench measure RUN, or workbench.measure(run, [LossAccuracy(), RoutingStats()])")
         self.store = store
         basic = store.table("basic")
         panels = {"training": lambda s: figures.training_curves(basic, step=s)}

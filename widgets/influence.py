@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import ipywidgets as W
 
-from workbench.errors import StoreError
 from workbench.figures import influence as figs
 from workbench.probes.influence.over_checkpoints import influence_tables
 from workbench.runs import Run
 from workbench.store import Store
-from widgets.base import CheckpointView, as_store
+from widgets.base import CheckpointView, require_probe
 
 
 class InfluenceBrowser(CheckpointView):
@@ -23,12 +22,8 @@ class InfluenceBrowser(CheckpointView):
 
     def __init__(self, source: Store | Run | str, query: str | None = None, step: int | None = None, k: int = 5,
                  name: str = "influence", width: int = 900):
-        store = as_store(source)
-        if name not in store.probes():
-            raise StoreError(
-                f"the store at {store.root} has no {name!r} table; measure it first with "
-                "workbench.probes.influence.over_checkpoints.measure_influence (or builtin_influence)"
-            )
+        store = require_probe(source, name, "workbench.probes.influence.over_checkpoints.measure_influence, "
+                                            "or builtin_influence")
         self.store, self.k = store, k
         self.tables = influence_tables(store, name)
         queries = self.tables["queries"]

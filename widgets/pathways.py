@@ -5,11 +5,10 @@ from __future__ import annotations
 import ipywidgets as W
 import polars as pl
 
-from workbench.errors import StoreError
 from workbench.figures import pathways as F
 from workbench.runs import Run
 from workbench.store import Store
-from widgets.base import CheckpointView, as_store
+from widgets.base import CheckpointView, require_probe
 
 
 class PathwayView(CheckpointView):
@@ -19,12 +18,7 @@ class PathwayView(CheckpointView):
 
     def __init__(self, source: Store | Run | str, step: int | None = None, group: str | None = None,
                  sample_id: str | None = None, consistency: str = "consistency"):
-        store = as_store(source)
-        if "pathways" not in store.probes():
-            raise StoreError(
-                f"the store at {store.root} has no 'pathways' table; measure the run first "
-                "(workbench measure RUN --probe pathways, or workbench.measure(run, [RoutingPathways()]))"
-            )
+        store = require_probe(source, "pathways", "workbench measure RUN --probe pathways, or workbench.measure(run, [RoutingPathways()])")
         self.store = store
         self.table = store.table("pathways", final=False)
         self.final = store.table("pathways", final=True)

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import ipywidgets as W
 
-from workbench.errors import StoreError
 from workbench.figures import probes as pf
 from workbench.runs import Run
 from workbench.store import Store
-from widgets.base import CheckpointView, as_store
+from widgets.base import CheckpointView, require_probe
 
 
 class ProbeView(CheckpointView):
@@ -19,12 +18,7 @@ class ProbeView(CheckpointView):
 
     def __init__(self, source: Store | Run | str, task: str | None = None, step: int | None = None,
                  metric: str = "accuracy"):
-        store = as_store(source)
-        if "probes" not in store.probes():
-            raise StoreError(
-                f"the store at {store.root} has no 'probes' table; measure the run first "
-                "(workbench measure RUN --probe probes, or workbench.measure(run, [LinearProbeAccuracy()]))"
-            )
+        store = require_probe(source, "probes", "workbench measure RUN --probe probes, or workbench.measure(run, [LinearProbeAccuracy()])")
         self.store = store
         self.table = store.table("probes")
         names = pf.tasks(self.table)
