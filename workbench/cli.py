@@ -18,7 +18,7 @@ MEASUREMENTS: dict[str, str] = {
     "probes": "workbench.probes.linear_driver:LinearProbeAccuracy",
 }
 #: What ``workbench demo`` measures on the built-in run.
-DEMO_MEASUREMENTS: list[str] = ["basic", "routing", "calibration", "pathways"]
+DEMO_MEASUREMENTS: list[str] = ["basic", "routing", "calibration", "pathways", "probes"]
 
 
 def make_measurement(name: str):
