@@ -105,26 +105,39 @@ def check_finite(t: torch.Tensor, what: str, key: str) -> None:
         )
 
 
-def eigen(covariance_sum: torch.Tensor, count: float, what: str, key: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eigenvalues and eigenvectors (float64) of ``covariance_sum / count``, symmetrized."""
-    check_finite(covariance_sum, f"{what} covariance", key)
-    if count <= 0 or not bool(covariance_sum.abs().sum() > 0):
+def eigen(covariance_sum: torch.Tensor, count, what: str, key) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues and eigenvectors (float64) of ``covariance_sum / count``, symmetrized.
+
+    A stack [G, d, d] (``count`` [G], ``key`` the G block names) is decomposed in one batched call; the
+    checks still name the block at fault.
+    """
+    keys = [key] if isinstance(key, str) else list(key)
+    sums = covariance_sum.reshape(-1, *covariance_sum.shape[-2:])
+    counts = torch.as_tensor(count, dtype=torch.float64, device=sums.device).reshape(-1)
+    finite = torch.isfinite(sums).flatten(1).all(1)
+    usable = finite & (counts > 0) & (sums.abs().flatten(1).sum(1) > 0)
+    if not bool(usable.all()):  # one check for the whole stack; the first bad block named
+        i = int((~usable).nonzero()[0])
+        check_finite(sums[i], f"{what} covariance", keys[i])
         raise NumericalError(
-            f"layer {key!r} saw only zero {what}s over {int(count)} tokens, so it has no curvature to fit: the "
-            "layer did not run on these documents or its inputs are all zero. Leave it out (modules=), or, if "
+            f"layer {keys[i]!r} saw only zero {what}s over {int(counts[i])} tokens, so it has no curvature to fit: "
+            "the layer did not run on these documents or its inputs are all zero. Leave it out (modules=), or, if "
             "that is expected, use strategy='identity' or a larger explicit damping"
         )
-    c = covariance_sum.to(torch.float64) / count
-    c = 0.5 * (c + c.T)
+    c = covariance_sum.to(torch.float64) / counts.reshape(covariance_sum.shape[:-2] + (1, 1))
+    c = 0.5 * (c + c.mT)
     try:
         values, vectors = torch.linalg.eigh(c)
     except RuntimeError as exc:  # torch.linalg.LinAlgError derives from RuntimeError
         raise NumericalError(
-            f"the eigendecomposition of the {what} covariance of layer {key!r} failed ({exc}); the matrix is "
-            "ill-conditioned: fit on more documents, use a larger damping, or leave the layer out (modules=)"
+            f"the eigendecomposition of the {what} covariance of layer {keys[0] if len(keys) == 1 else keys!r} failed "
+            f"({exc}); the matrix is ill-conditioned: fit on more documents, use a larger damping, or leave the layer "
+            "out (modules=)"
         ) from exc
-    if not bool(torch.isfinite(values).all()):
-        raise NumericalError(f"the {what} covariance of layer {key!r} has non-finite eigenvalues; use a larger damping")
+    finite = torch.isfinite(values).reshape(len(keys), -1).all(1)
+    if not bool(finite.all()):
+        bad = keys[int((~finite).nonzero()[0])]
+        raise NumericalError(f"the {what} covariance of layer {bad!r} has non-finite eigenvalues; use a larger damping")
     return values, vectors
 
 

@@ -5,7 +5,8 @@ tokens, ``lambda`` a mean over examples of per-example gradients in the eigenbas
 
 Two savings over reading the documents twice and rotating per-example gradients: ekfac keeps the covariance
 pass's token rows (within ``cache_bytes``) for its eigenvalue pass, and rotates rows rather than per-example
-gradients when that is cheaper (:func:`~workbench.probes.influence.precondition.rotate`).
+gradients when that is cheaper (:func:`~workbench.probes.influence.precondition.rotate`). A stack of blocks
+(an MoE layer's experts) is fitted with batched operations on ``[members, ...]`` tensors and stored per block.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from workbench.probes.influence.factors import FISHERS, STRATEGIES, Factors, che
 from workbench.probes.influence.passes import compute_dtype, evaluating, model_device, run_pass
 from workbench.probes.influence.precondition import rotate
 from workbench.probes.influence.tasks import accepts_sample
-from workbench.probes.influence.tracking import Rows, TrackedModule, resolve_modules, tracking_report
+from workbench.probes.influence.tracking import Block, Rows, TrackedModule, resolve_modules, tracking_report, units
 
 #: Elements of one chunk of per-example [out, in] matrices (bounds memory; 2**25 floats = 128 MiB).
 CHUNK_ELEMENTS = 2**25
@@ -92,9 +93,9 @@ def fit_factors(
         cached = None
         if strategy in ("kfac", "ekfac"):
             budget = cache_bytes if strategy == "ekfac" else 0
-            cached = _fit_covariances(model, documents, tracked, blocks, loss_fn, factors, common, budget)
+            cached = _fit_covariances(model, documents, tracked, loss_fn, factors, common, budget)
         if strategy in ("diagonal", "ekfac"):
-            _fit_lambda(model, documents, tracked, blocks, loss_fn, factors, common, cached)
+            _fit_lambda(model, documents, tracked, loss_fn, factors, common, cached)
     return factors
 
 
@@ -102,15 +103,27 @@ def _rows_bytes(rows: dict[str, Rows]) -> int:
     return sum(r.a.numel() * r.a.element_size() + r.s.numel() * r.s.element_size() for r in rows.values())
 
 
-def _fit_covariances(model, documents, tracked, blocks, loss_fn, factors: Factors, common: dict,
+def _lead(bs: list[Block]) -> tuple[int, ...]:
+    """The leading dimension of a unit's tensors: (members,) for a stack, none for a single block."""
+    return (len(bs),) if bs[0].stack is not None else ()
+
+
+def _per_block(bs: list[Block], t: torch.Tensor) -> list[tuple[Block, torch.Tensor]]:
+    """A unit's tensor split into its blocks' (copies, so that each block's tensors are its own)."""
+    return [(bs[0], t)] if bs[0].stack is None else [(b, x.clone()) for b, x in zip(bs, t)]
+
+
+def _fit_covariances(model, documents, tracked, loss_fn, factors: Factors, common: dict,
                      cache_bytes: int) -> list | None:
     """Fill in the eigenbases; return the pass's rows when they fit in ``cache_bytes`` (else None)."""
     device, dtype = model_device(model), common["dtype"]
     sums: dict[str, torch.Tensor] = {}
-    for b in blocks:
-        sums[f"{b.key}::A"] = torch.zeros(b.in_dim, b.in_dim, dtype=dtype, device=device)
-        sums[f"{b.key}::S"] = torch.zeros(b.out_dim, b.out_dim, dtype=dtype, device=device)
-        sums[f"{b.key}::tokens"] = torch.zeros((), dtype=torch.float64, device=device)
+    groups = units(tracked)
+    for key, bs in groups.items():
+        g, b = _lead(bs), bs[0]
+        sums[f"{key}::A"] = torch.zeros(g + (b.in_dim, b.in_dim), dtype=dtype, device=device)
+        sums[f"{key}::S"] = torch.zeros(g + (b.out_dim, b.out_dim), dtype=dtype, device=device)
+        sums[f"{key}::tokens"] = torch.zeros(g, dtype=torch.float64, device=device)
     counts = torch.zeros(2, dtype=torch.float64, device=device)  # batches, examples
     cache: list | None = [] if cache_bytes > 0 else None
     used = 0
@@ -124,6 +137,11 @@ def _fit_covariances(model, documents, tracked, blocks, loss_fn, factors: Factor
                 cache = None
         with torch.no_grad():
             for key, r in rows.items():
+                if r.stacked:  # packed rows [G, R, dim]: every member's covariance in one batched product
+                    sums[f"{key}::A"].baddbmm_(r.a.mT, r.a)
+                    sums[f"{key}::S"].baddbmm_(r.s.mT, r.s)
+                    sums[f"{key}::tokens"] += r.valid.sum(1)
+                    continue
                 a, s = r.a.reshape(-1, r.a.shape[-1]), r.s.reshape(-1, r.s.shape[-1])
                 sums[f"{key}::A"].addmm_(a.T, a)
                 sums[f"{key}::S"].addmm_(s.T, s)
@@ -136,29 +154,38 @@ def _fit_covariances(model, documents, tracked, blocks, loss_fn, factors: Factor
     # Every rank decomposes the same summed matrices (so a numerical error stops every rank), then takes
     # rank 0's result, so that all ranks precondition with identical numbers.
     eig: dict[str, torch.Tensor] = {}
-    for b in blocks:
-        tokens = float(sums[f"{b.key}::tokens"])
-        factors.n_tokens[b.key] = int(tokens)
+    for key, bs in groups.items():
+        tokens = sums[f"{key}::tokens"]
+        for b, n in zip(bs, tokens.reshape(-1).tolist()):
+            factors.n_tokens[b.key] = int(n)
+        names = [b.key for b in bs] if bs[0].stack is not None else key
         for what, side in (("A", "activation"), ("S", "gradient")):
-            values, vectors = eigen(sums[f"{b.key}::{what}"], tokens, side, b.key)
-            eig[f"{b.key}::{side}_eigenvalues"] = values
-            eig[f"{b.key}::{side}_eigenvectors"] = vectors.to(dtype)
+            values, vectors = eigen(sums[f"{key}::{what}"], tokens, side, names)
+            eig[f"{key}::{side}_eigenvalues"] = values
+            eig[f"{key}::{side}_eigenvectors"] = vectors.to(dtype)
     eig = distributed.broadcast(eig)
     for name, t in eig.items():
         key, part = name.rsplit("::", 1)
-        factors.tensors[key][part] = t
+        for b, x in _per_block(groups[key], t):
+            factors.tensors[b.key][part] = x
     return cache
 
 
-def _fit_lambda(model, documents, tracked, blocks, loss_fn, factors: Factors, common: dict,
+def _fit_lambda(model, documents, tracked, loss_fn, factors: Factors, common: dict,
                 cached: list | None) -> None:
     device, dtype = model_device(model), common["dtype"]
     ekfac = factors.strategy == "ekfac"
-    sums = {b.key: torch.zeros(b.out_dim, b.in_dim, dtype=dtype, device=device) for b in blocks}
+    groups = units(tracked)
+    sums = {key: torch.zeros(_lead(bs) + (bs[0].out_dim, bs[0].in_dim), dtype=dtype, device=device)
+            for key, bs in groups.items()}
     bases = {}
     if ekfac:
-        bases = {b.key: (factors.tensors[b.key]["gradient_eigenvectors"].to(device, dtype),
-                         factors.tensors[b.key]["activation_eigenvectors"].to(device, dtype)) for b in blocks}
+        def basis(bs, part):  # a stack's bases stacked: [G, d, d]
+            t = [factors.tensors[b.key][part].to(device, dtype) for b in bs]
+            return torch.stack(t) if bs[0].stack is not None else t[0]
+
+        bases = {key: (basis(bs, "gradient_eigenvectors"), basis(bs, "activation_eigenvectors"))
+                 for key, bs in groups.items()}
     counts = torch.zeros(2, dtype=torch.float64, device=device)
     # pass_id 0 again: the same sampled labels as the covariance pass, whether its rows were cached or not.
     batches = ((rows, n) for rows, n in cached) if cached is not None else (
@@ -168,12 +195,15 @@ def _fit_lambda(model, documents, tracked, blocks, loss_fn, factors: Factors, co
         counts += torch.tensor([1.0, n], dtype=torch.float64, device=device)
         with torch.no_grad():
             for key, r in rows.items():
-                o, i = factors.shapes[key]
-                step = max(1, CHUNK_ELEMENTS // (o * i))
+                step = max(1, CHUNK_ELEMENTS // sums[key].numel())
                 for start in range(0, r.n_examples, step):
                     part = r.select(slice(start, start + step))
-                    g = rotate(part, *bases[key]) if ekfac else part.per_example_gradient()
-                    sums[key] += g.square().sum(0)
+                    # Summed over examples: a stack's may come in any order (saves putting them back in order).
+                    if ekfac:
+                        g = rotate(part, *bases[key], ordered=False)
+                    else:
+                        g = part.products(part.s, part.a).transpose(0, 1) if part.stacked else part.per_example_gradient()
+                    sums[key] += g.square_().sum(-3)  # g is this step's own tensor: squared in place
     sums["__counts"] = counts
     sums = distributed.all_reduce_sum(sums)
     n_batches, n_examples = int(sums["__counts"][0]), int(sums["__counts"][1])
@@ -183,12 +213,17 @@ def _fit_lambda(model, documents, tracked, blocks, loss_fn, factors: Factors, co
             "or a DataLoader, not a generator" if ekfac else "; pass a non-empty iterable of batches")
         )
     factors.n_examples = n_examples
-    for b in blocks:
-        lam = sums[b.key].to(torch.float64) / n_examples
-        check_finite(lam, "corrected eigenvalues" if ekfac else "gradient second moments", b.key)
-        if not bool(lam.sum() > 0):
-            raise NumericalError(
-                f"layer {b.key!r} had a zero gradient on every document: it did not run, its activations are all "
-                "zero, or it does not affect the loss. Leave it out (modules=) or use a larger explicit damping"
-            )
-        factors.tensors[b.key]["lambda"] = lam
+    for key, bs in groups.items():
+        lam = sums[key].to(torch.float64) / n_examples
+        flat = lam.reshape(len(bs), -1)
+        if not bool((torch.isfinite(flat).all(1) & (flat.sum(1) > 0)).all()):  # one check per unit
+            for b, x in _per_block(bs, lam):
+                check_finite(x, "corrected eigenvalues" if ekfac else "gradient second moments", b.key)
+                if not bool(x.sum() > 0):
+                    raise NumericalError(
+                        f"layer {b.key!r} had a zero gradient on every document: it did not run, its activations "
+                        "are all zero, or it does not affect the loss. Leave it out (modules=) or use a larger "
+                        "explicit damping"
+                    )
+        for b, x in _per_block(bs, lam):
+            factors.tensors[b.key]["lambda"] = x

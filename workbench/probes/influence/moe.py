@@ -7,10 +7,12 @@ an estimator that hooks linear layers silently skips both, which leaves most of 
 parameters untracked. Here:
 
 - :class:`TrackedExperts` gives every expert's matrices their own blocks (``<name>.down_proj.3`` is expert 3's
-  down projection), with factors from the tokens routed to that expert only. While tracking, the experts'
-  forward is replaced by one that computes the same thing expert by expert and tells the recorder each
-  expert's input rows and output (which example and token each row came from); the original forward is
-  restored afterwards.
+  down projection), with factors from the tokens routed to that expert only. The experts' blocks of one
+  matrix form a stack (``<name>.down_proj``), so the estimator handles all experts of a layer in batched
+  operations. While tracking, the experts' forward is replaced by one that computes the same thing with the
+  token rows packed per expert (one batched matrix product per weight) and records each weight's rows of
+  every expert in one call, with the example and token of each row; the original forward is restored
+  afterwards.
 - :class:`TrackedRouter` tracks the router's weight [experts, d] as a linear map from the hidden state to the
   router logits (``a`` = hidden state, ``s`` = gradient of the loss with respect to the logits).
 
@@ -147,18 +149,24 @@ class TrackedExperts(TrackedModule):
         self.experts = list(range(self.n_experts)) if experts is None else sorted(set(int(e) for e in experts))
         if not self.experts or not all(0 <= e < self.n_experts for e in self.experts):
             raise InputError(f"experts of {name!r} must be a non-empty subset of 0..{self.n_experts - 1}")
-        self._tracked = set(self.experts)
+        # The experts in the order the forward packs them: tracked ones first (the stacks' members, in order).
+        self._order = torch.tensor(self.experts + [e for e in range(self.n_experts) if e not in set(self.experts)])
+        self._place = torch.argsort(self._order)  # each expert's place in that order
         self._dims = {layout.first: tuple(first.shape[1:]), layout.second: tuple(second.shape[1:])}
 
     def key(self, param: str, expert: int) -> str:
         return f"{self.name}.{param}.{expert}"
+
+    def stack(self, param: str) -> str:
+        """The key of the stack of every tracked expert's ``param`` matrix."""
+        return f"{self.name}.{param}"
 
     def blocks(self) -> list[Block]:
         out = []
         for e in self.experts:
             for param in (self.layout.first, self.layout.second):
                 o, i = self._dims[param]
-                out.append(Block(self.key(param, e), o, i, (f"{self.name}.{param}",), o * i))
+                out.append(Block(self.key(param, e), o, i, (f"{self.name}.{param}",), o * i, self.stack(param)))
         return out
 
     @property
@@ -168,36 +176,60 @@ class TrackedExperts(TrackedModule):
     def attach(self, recorder: Recorder) -> list:
         return [self.shape.attach(), _patch_forward(self.module, self._forward(recorder))]
 
-    def _expert(self, recorder: Recorder, e: int, h: torch.Tensor, idx: torch.Tensor, act_fn, batch: tuple[int, int]):
-        """One expert on its routed rows ``h`` (token indices ``idx``): records both matrices, returns the output."""
-        first = getattr(self.module, self.layout.first)[e]
-        second = getattr(self.module, self.layout.second)[e]
-        example, position = _example_position(idx, batch[1])
-        where = dict(example=example, position=position, n_examples=batch[0])
-        record = e in self._tracked
-        u = F.linear(h, first)
-        if record:
-            recorder.record(self.key(self.layout.first, e), h.detach(), u, **where)
+    def _run(self, recorder: Recorder, hidden: torch.Tensor, expert: torch.Tensor, token: torch.Tensor,
+             weight: torch.Tensor, act_fn) -> torch.Tensor:
+        """The experts on (token, expert) slots sorted by expert, tokens in order: ``expert``, ``token`` and gate
+        ``weight`` [S]. Returns the gate-weighted sum per token, [tokens, d].
+
+        The slots are packed per expert, [experts, R, d] (R: the most slots of one expert; zero filler rows
+        after each expert's own), and each weight applied to all experts in one batched product: the recorder
+        gets each stack's rows in its own packed layout, without copying them again.
+        """
+        batch = self.shape.rows(hidden.shape[0], self.name)
+        out = torch.zeros_like(hidden)
+        if expert.numel() == 0:
+            return out
+        counts = torch.bincount(expert, minlength=self.n_experts)
+        r = int(counts.max())
+        index = torch.arange(expert.numel(), device=expert.device) - (torch.cumsum(counts, 0) - counts)[expert]
+        # Where each slot goes in the packed [experts·R] rows: tracked experts first (the stacks' members, in
+        # order), then the others.
+        flat = self._place.to(expert.device)[expert] * r + index
+        h = hidden.new_zeros(self.n_experts * r, hidden.shape[-1]).index_copy(0, flat, hidden.index_select(0, token))
+        h = h.view(self.n_experts, r, -1)
+        g = len(self.experts)
+        u, u_tracked = self._apply(getattr(self.module, self.layout.first), h, g)
         act = act_fn(u)
-        o = F.linear(act, second)
-        if record:
-            recorder.record(self.key(self.layout.second, e), act.detach(), o, **where)
-        return o
+        o, o_tracked = self._apply(getattr(self.module, self.layout.second), act, g)
+        if torch.is_grad_enabled():
+            example, position = _example_position(token, batch[1])
+            where = torch.full((self.n_experts * r, 2), -1, dtype=torch.long, device=token.device)
+            where.index_copy_(0, flat, torch.stack([example, position], 1))
+            where = where.view(self.n_experts, r, 2)[:g]
+            rows = dict(example=where[..., 0], position=where[..., 1], n_examples=batch[0])
+            recorder.record(self.stack(self.layout.first), h[:g].detach(), u_tracked, **rows)
+            recorder.record(self.stack(self.layout.second), act[:g].detach(), o_tracked, **rows)
+        o = o.reshape(-1, o.shape[-1]).index_select(0, flat) * weight[:, None]
+        return out.index_add(0, token, o.to(out.dtype))
+
+    def _apply(self, weight: torch.Tensor, x: torch.Tensor, g: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x`` [experts, R, in] (tracked experts first) times each expert's ``weight`` [experts, out, in]: the
+        product and the tracked experts' part of it, a tensor on the loss's path (to be recorded)."""
+        if g == self.n_experts:
+            y = torch.bmm(x, weight.mT)
+            return y, y
+        w = weight[self._order.to(weight.device)]
+        tracked = torch.bmm(x[:g], w[:g].mT)
+        return torch.cat([tracked, torch.bmm(x[g:], w[g:].mT)]), tracked
 
     def _forward(self, recorder: Recorder):
         module, layout = self.module, self.layout
 
         if layout.kind == "builtin":
             def forward(hidden: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
-                batch = self.shape.rows(hidden.shape[0], self.name)
-                out = torch.zeros_like(hidden)
-                for e in range(self.n_experts):
-                    idx = gates[:, e].nonzero().squeeze(1)
-                    if idx.numel() == 0:
-                        continue
-                    o = self._expert(recorder, e, hidden[idx], idx, F.gelu, batch)
-                    out = out.index_add(0, idx, o * gates[idx, e, None])
-                return out
+                # (expert, token) pairs with a non-zero gate, expert-major: the rows sorted by expert.
+                expert, token = gates.T.nonzero(as_tuple=True)
+                return self._run(recorder, hidden, expert, token, gates[token, expert], F.gelu)
 
             return forward
 
@@ -209,16 +241,15 @@ class TrackedExperts(TrackedModule):
         act_fn = apply_gate if layout.first == "gate_up_proj" else module.act_fn
 
         def forward(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, *args, **kwargs):
-            batch = self.shape.rows(hidden.shape[0], self.name)
-            out = torch.zeros_like(hidden)
-            for e in torch.unique(top_k_index).tolist():
-                if not 0 <= e < self.n_experts:
-                    continue  # transformers marks dropped slots with an index past the last expert
-                token_idx, k_pos = torch.where(top_k_index == e)
-                o = self._expert(recorder, e, hidden[token_idx], token_idx, act_fn, batch)
-                o = o * top_k_weights[token_idx, k_pos, None]
-                out = out.index_add(0, token_idx, o.to(out.dtype))
-            return out
+            k = top_k_index.shape[-1]
+            flat = top_k_index.reshape(-1)
+            # A stable sort keeps each expert's slots in token order; transformers marks dropped slots with an
+            # index past the last expert, which sorts them last, where they are cut off.
+            expert, slot = torch.sort(flat, stable=True)
+            kept = ((expert >= 0) & (expert < self.n_experts))
+            if not bool(kept.all()):
+                expert, slot = expert[kept], slot[kept]
+            return self._run(recorder, hidden, expert, slot // k, top_k_weights.reshape(-1)[slot], act_fn)
 
         return forward
 
@@ -263,9 +294,8 @@ class TrackedRouter(TrackedModule):
             if self.has_bias:
                 a = torch.cat([a, a.new_ones(a.shape[0], 1)], dim=-1)
             b, t = self.shape.rows(a.shape[0], self.name)
-            idx = torch.arange(a.shape[0], device=a.device)
-            example, position = _example_position(idx, t)
-            recorder.record(self.name, a, logits, example=example, position=position, n_examples=b)
+            # The logits are the block's tokens flattened in order: recorded batch-first, no scatter needed.
+            recorder.record(self.name, a.reshape(b, t, -1), logits)
 
         return [self.shape.attach(), self.module.register_forward_hook(hook)]
 
@@ -294,8 +324,7 @@ class TrackedTokenLinear(TrackedLinear):
                 recorder.record(self.name, a, output)
                 return
             b, t = self.shape.rows(a.shape[0], self.name)
-            example, position = _example_position(torch.arange(a.shape[0], device=a.device), t)
-            recorder.record(self.name, a, output, example=example, position=position, n_examples=b)
+            recorder.record(self.name, a.reshape(b, t, -1), output)  # flattened in order: batch-first
 
         return [self.shape.attach(), self.module.register_forward_hook(hook)]
 

@@ -22,7 +22,7 @@ from workbench.probes.influence import distributed
 from workbench.probes.influence.factors import Factors
 from workbench.probes.influence.passes import compute_dtype, evaluating, model_device, run_pass
 from workbench.probes.influence.precondition import Preconditioner
-from workbench.probes.influence.tracking import Rows, TrackedModule, resolve_modules
+from workbench.probes.influence.tracking import Rows, StackedRows, TrackedModule, resolve_modules, units
 
 #: Elements of one chunk of intermediate [queries, examples, tokens, ...] tensors (bounds memory).
 CHUNK_ELEMENTS = 2**25
@@ -47,39 +47,72 @@ def tracked_for(model: nn.Module, factors: Factors, modules: Sequence[str | Trac
 
 
 class QueryGradients:
-    """Preconditioned query gradients per block: full [Q, out, in] or a rank-R pair ([Q, out, R], [Q, R, in])."""
+    """Preconditioned query gradients per block (or stack): full [G, Q, out, in] or a rank-R pair
+    ([G, Q, out, R], [G, Q, R, in]), with G the stack's members (1 for a single block)."""
 
     def __init__(self) -> None:
         self.full: dict[str, torch.Tensor] = {}
         self.low: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.n = 0
 
-    def scores(self, key: str, r: Rows) -> torch.Tensor:
-        """[Q, B] scores of block ``key`` against the documents in ``r``."""
+    def scores(self, key: str, r: Rows | StackedRows) -> torch.Tensor:
+        """[Q, B] scores of block (or stack) ``key`` against the documents in ``r``, summed over members."""
         if key in self.low:
             return self.token_scores(key, r).sum(-1)
-        q = self.full[key]
-        step = max(1, CHUNK_ELEMENTS // (q.shape[1] * q.shape[2]))
-        return torch.cat([q.flatten(1) @ r.select(slice(i, i + step)).per_example_gradient().flatten(1).T
-                          for i in range(0, r.n_examples, step)], dim=1)
+        q = self.full[key].flatten(2)  # [G, Q, out·in]
+        step = max(1, CHUNK_ELEMENTS // q[0, 0].numel() // q.shape[0])
+        parts = []
+        for i in range(0, r.n_examples, step):
+            part = r.select(slice(i, i + step))
+            if not r.stacked:
+                parts.append(q[0] @ part.per_example_gradient().flatten(1).T)
+                continue
+            # A stack's per-example gradients in ranked order [B, G, ...]: scored as they are, each member's
+            # scores then added to their examples' columns (no reordering of the gradients themselves).
+            g = part.products(part.s, part.a).flatten(2)
+            by_rank = torch.bmm(q, g.permute(1, 2, 0))  # [G, Q, B]
+            member = torch.arange(q.shape[0], device=q.device).unsqueeze(1)
+            cols = q.new_zeros(q.shape[1], q.shape[0] * part.n_examples)
+            cols.index_copy_(1, (member * part.n_examples + part.ranked).flatten(), by_rank.transpose(0, 1).flatten(1))
+            parts.append(cols.view(q.shape[1], q.shape[0], part.n_examples).sum(1))
+        return torch.cat(parts, dim=1)
 
-    def token_scores(self, key: str, r: Rows) -> torch.Tensor:
-        """[Q, B, T] per-row contributions of block ``key``."""
+    def token_scores(self, key: str, r: Rows | StackedRows) -> torch.Tensor:
+        """[Q, B, T] per-row contributions of block ``key`` (a stack's: [Q, B, G·width], in the layout of
+        :meth:`StackedRows.token_positions`)."""
+        if r.stacked:
+            return self._stacked_token_scores(key, r)
         b, t = r.a.shape[:2]
         out = r.a.new_zeros(self.n, b, t)
         # Widest intermediate per (query, example, row): two [.., R] factors, or one [.., out or in] product.
-        width = 2 * self.low[key][0].shape[-1] if key in self.low else max(self.full[key].shape[1:])
+        width = 2 * self.low[key][0].shape[-1] if key in self.low else max(self.full[key].shape[2:])
         step = max(1, CHUNK_ELEMENTS // max(1, self.n * t * width))
         for i in range(0, b, step):
             a, s = r.a[i:i + step], r.s[i:i + step]
             if key in self.low:
-                left, right = self.low[key]
+                left, right = (x[0] for x in self.low[key])
                 u = torch.einsum("bto,qor->qbtr", s, left)
                 v = torch.einsum("bti,qri->qbtr", a, right)
                 out[:, i:i + step] = (u * v).sum(-1)
             else:
-                out[:, i:i + step] = torch.einsum("bto,qoi,bti->qbt", s, self.full[key], a)
+                out[:, i:i + step] = torch.einsum("bto,qoi,bti->qbt", s, self.full[key][0], a)
         return out
+
+    def _stacked_token_scores(self, key: str, r: StackedRows) -> torch.Tensor:
+        g, n_rows = r.a.shape[:2]
+        out = r.a.new_zeros(self.n, g, n_rows)  # per packed row, then laid out per example
+        width = 2 * self.low[key][0].shape[-1] if key in self.low else max(self.full[key].shape[2:])
+        step = max(1, CHUNK_ELEMENTS // max(1, self.n * g * width))
+        for i in range(0, n_rows, step):
+            a, s = r.a[:, i:i + step], r.s[:, i:i + step]
+            if key in self.low:
+                left, right = self.low[key]
+                u = torch.einsum("gro,gqok->qgrk", s, left)
+                v = torch.einsum("gri,gqki->qgrk", a, right)
+                out[:, :, i:i + step] = (u * v).sum(-1)
+            else:
+                out[:, :, i:i + step] = torch.einsum("gro,gqoi,gri->qgr", s, self.full[key], a)
+        return r.by_example(out.permute(1, 2, 0)).permute(2, 0, 1)  # [Q, B, G·width]
 
 
 def _low_rank(g: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,22 +131,28 @@ def query_gradients(model, tracked, pre: Preconditioner, queries, measurement_fn
                                sharded=False, desc="influence: queries", **common):
         with torch.no_grad():
             for key, r in rows.items():
-                parts.setdefault(key, []).append((n, b, pre.rows(key, r)))
+                g = pre.rows(key, r)
+                parts.setdefault(key, []).append((n, b, g if r.stacked else g.unsqueeze(0)))
         n += b
     if n == 0:
         raise InputError("queries gave no batches; pass a non-empty iterable of query batches")
     qg = QueryGradients()
     qg.n = n
-    for t in tracked:
-        for block in t.blocks():
-            full = torch.zeros(n, block.out_dim, block.in_dim, dtype=common["dtype"], device=model_device(model))
-            for start, b, g in parts.get(block.key, []):
-                full[start:start + b] += g
-            if query_rank is not None and query_rank < min(block.out_dim, block.in_dim):
-                qg.low[block.key] = _low_rank(full, query_rank)
-            else:
-                qg.full[block.key] = full
+    for key, bs in units(tracked).items():
+        block = bs[0]
+        full = torch.zeros(len(bs), n, block.out_dim, block.in_dim, dtype=common["dtype"], device=model_device(model))
+        for start, b, g in parts.get(key, []):
+            full[:, start:start + b] += g
+        if query_rank is not None and query_rank < min(block.out_dim, block.in_dim):
+            qg.low[key] = _low_rank(full, query_rank)
+        else:
+            qg.full[key] = full
     return qg
+
+
+def _preconditioner(factors: Factors, damping, tracked, dtype, device) -> Preconditioner:
+    stacks = {k: [b.key for b in bs] for k, bs in units(tracked).items() if bs[0].stack is not None}
+    return Preconditioner(factors, damping, dtype=dtype, device=device, stacks=stacks)
 
 
 def _options(model, dtype, mask_fn, autocast_dtype, progress) -> dict:
@@ -159,7 +198,7 @@ def pairwise_scores(
     measurement_fn = loss_fn if measurement_fn is None else measurement_fn
     tracked = tracked_for(model, factors, modules)
     common = _options(model, dtype, mask_fn, autocast_dtype, progress)
-    pre = Preconditioner(factors, damping, dtype=common["dtype"], device=model_device(model))
+    pre = _preconditioner(factors, damping, tracked, common["dtype"], model_device(model))
     cols = []
     with evaluating(model):
         qg = query_gradients(model, tracked, pre, queries, measurement_fn, query_rank=query_rank, common=common)
@@ -183,7 +222,7 @@ def pairwise_scores(
                                 "are not [batch, tokens, features]; leave it out (modules=) or per_token=False"
                             )
                         contrib = qg.token_scores(key, r)
-                        pos = r.positions.clamp(min=0).unsqueeze(0).expand_as(contrib)
+                        pos = r.token_positions().clamp(min=0).unsqueeze(0).expand_as(contrib)
                         tokens.scatter_add_(2, pos, contrib)
             cols.append((index, scores.cpu(), tokens.cpu() if per_token else None))
     return _assemble(cols, per_token)
@@ -217,7 +256,7 @@ def self_scores(
     """Each document's influence on its own loss, ``⟨P⁻¹∇L(d), ∇L(d)⟩``: a [documents] tensor (CPU)."""
     tracked = tracked_for(model, factors, modules)
     common = _options(model, dtype, mask_fn, autocast_dtype, progress)
-    pre = Preconditioner(factors, damping, dtype=common["dtype"], device=model_device(model))
+    pre = _preconditioner(factors, damping, tracked, common["dtype"], model_device(model))
     cols = []
     with evaluating(model):
         for index, rows, n in run_pass(model, documents, tracked, loss_fn, what="loss_fn", pass_id=3,
@@ -225,11 +264,13 @@ def self_scores(
             with torch.no_grad():
                 scores = torch.zeros(n, dtype=common["dtype"], device=model_device(model))
                 for key, r in rows.items():
-                    o, i = factors.shapes[key]
-                    step = max(1, CHUNK_ELEMENTS // (o * i))
+                    o, i = r.s.shape[-1], r.a.shape[-1]
+                    members = r.a.shape[0] if r.stacked else 1
+                    step = max(1, CHUNK_ELEMENTS // (members * o * i))
                     for start in range(0, n, step):
                         part = r.select(slice(start, start + step))
-                        scores[start:start + step] += (pre.rows(key, part) * part.per_example_gradient()).sum((1, 2))
+                        own = (pre.rows(key, part) * part.per_example_gradient()).sum((-2, -1))
+                        scores[start:start + step] += own.sum(0) if r.stacked else own
                 if not bool(torch.isfinite(scores).all()):
                     raise NumericalError(f"self-scores of document batch {index} are not finite; use a larger damping")
             cols.append((index, scores.cpu(), None))
