@@ -134,6 +134,12 @@ class StackedRows:
         out.index_copy_(0, (member * b + self.ranked).mT.flatten(), x.reshape((b * g,) + x.shape[2:]))
         return out.view((g, b) + x.shape[2:])
 
+    def with_rows(self, a: torch.Tensor, s: torch.Tensor) -> "StackedRows":
+        """Other rows ``a``, ``s`` in this layout (rows of the same tokens: e.g. another weight of the same
+        experts)."""
+        return StackedRows(a, s, self.valid, self.example, self.positions, self.n_examples, self.slot, self.cell,
+                           self.ranked, self.width, self.steps)
+
     def per_example_gradient(self) -> torch.Tensor:
         """``G_gn = Σ_t s_gnt a_gntᵀ`` for every member and example: [G, B, out, in]."""
         return self.in_order(self.products(self.s, self.a))
@@ -485,11 +491,12 @@ class Recorder:
                     "gradient is not the layer's; leave that layer out (modules=) or avoid the in-place op"
                 )
             per_key[key].append((call, torch.zeros_like(call.out) if g is None else g))
-        return {key: self._layout(key, items, mask) for key, items in per_key.items()}
+        shared: dict = {}
+        return {key: self._layout(key, items, mask, shared) for key, items in per_key.items()}
 
-    def _layout(self, key: str, items: list, mask: torch.Tensor | None) -> Rows | StackedRows:
+    def _layout(self, key: str, items: list, mask: torch.Tensor | None, shared: dict) -> Rows | StackedRows:
         if key in self._stacks:
-            return self._stacked(key, items, mask)
+            return self._stacked(key, items, mask, shared)
         parts = []
         for call, g in items:
             a, s = call.a.to(self.dtype), g.detach().to(self.dtype)
@@ -527,23 +534,42 @@ class Recorder:
             pos = None if any(p[2] is None for p in parts) else torch.cat([p[2] for p in parts], 1)
         return Rows(a, s, pos, valid)
 
-    def _stacked(self, key: str, items: list, mask: torch.Tensor | None) -> StackedRows:
-        """A stack's rows (from every call in the pass, side by side), padding tokens' rows (by ``mask``) zeroed."""
-        n = {call.n_examples for call, _ in items}
-        if len(n) != 1:
-            raise InputError(f"tracked stack {key!r} ran several times in one batch with different batch sizes {n}")
-        n = n.pop()
+    def _stacked(self, key: str, items: list, mask: torch.Tensor | None, shared: dict) -> StackedRows:
+        """A stack's rows (from every call in the pass, side by side), padding tokens' rows (by ``mask``) zeroed.
+
+        Stacks recorded with the same ``example`` tensors (the weights of one experts module: their rows are the
+        same tokens) share one layout, worked out once per batch in ``shared``.
+        """
 
         def joined(parts: list) -> torch.Tensor:
             return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
 
         a = joined([call.a for call, _ in items]).to(self.dtype)
         s = joined([g.detach() for _, g in items]).to(self.dtype)
-        example, position = (joined([getattr(call, f) for call, _ in items]).to(a.device).long()
-                             for f in ("example", "position"))
-        if len(items) > 1:  # each member's rows back in example order, filler last
-            order = torch.argsort(torch.where(example < 0, n, example), dim=1, stable=True)
+        # The calls' row tensors are alive (in items) for the whole rows() call, so their ids name them.
+        ident = tuple((id(call.example), id(call.position), call.n_examples) for call, _ in items)
+        if ident not in shared:
+            shared[ident] = self._stack_layout(key, items, mask, a)
+        order, zero, layout = shared[ident]
+        if order is not None:  # each member's rows back in example order, filler last
             a, s = (x.gather(1, order.unsqueeze(-1).expand_as(x)) for x in (a, s))
+        if zero:
+            a, s = a * layout.valid.unsqueeze(-1), s * layout.valid.unsqueeze(-1)
+        return layout.with_rows(a, s)
+
+    @staticmethod
+    def _stack_layout(key: str, items: list, mask: torch.Tensor | None, a: torch.Tensor):
+        """The row order (None: as recorded), whether some rows must be zeroed, and the packed layout (its rows
+        placeholders) of a stack's calls."""
+        n = {call.n_examples for call, _ in items}
+        if len(n) != 1:
+            raise InputError(f"tracked stack {key!r} ran several times in one batch with different batch sizes {n}")
+        n = n.pop()
+        parts = [[getattr(call, f) for call, _ in items] for f in ("example", "position")]
+        example, position = ((p[0] if len(p) == 1 else torch.cat(p, 1)).to(a.device).long() for p in parts)
+        order = None
+        if len(items) > 1:
+            order = torch.argsort(torch.where(example < 0, n, example), dim=1, stable=True)
             example, position = example.gather(1, order), position.gather(1, order)
         valid = example >= 0
         if mask is not None and mask.shape[0] == n:
@@ -551,9 +577,7 @@ class Recorder:
             if bool((position[valid] >= mask.shape[1]).any()):
                 raise InputError(f"rows of {key!r} have token positions beyond the mask's {mask.shape[1]}")
             valid &= mask[example.clamp(min=0), position.clamp(0, mask.shape[1] - 1)]
-        if not bool(valid.all()):
-            a, s = a * valid.unsqueeze(-1), s * valid.unsqueeze(-1)
-        return pack_stack(a, s, example, position, n, valid)
+        return order, not bool(valid.all()), pack_stack(a, a, example, position, n, valid)
 
 
 def _kept_rows(key: str, call: _Call, a: torch.Tensor, s: torch.Tensor, mask: torch.Tensor | None):
