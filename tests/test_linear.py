@@ -76,6 +76,24 @@ def test_batching_layers_does_not_change_any_layer():
             torch.testing.assert_close(alone.weight[0], together.weight[layer], atol=1e-4, rtol=1e-3)
 
 
+def test_cpu_layer_groups_change_no_layer(monkeypatch):
+    # On a CPU the layers are fitted in cache-sized groups: a budget of one layer's features gives groups of
+    # one, two layers' gives groups of 2, 2 and 1; every layer comes out as when all are fitted together.
+    import workbench.probes.linear as linear
+
+    x, y = _data(layers=5, n=300, dim=10, noise=1.5, seed=3)
+    layer_bytes = x[0].numel() * x.element_size()
+    kw = dict(l2=1e-2, val_fraction=0.2, patience=5)
+    together = fit_probes(x, y, **kw)
+    for layers_per_group, n_groups in ((1, 5), (2, 3)):
+        monkeypatch.setattr(linear, "_CPU_GROUP_BYTES", layers_per_group * layer_bytes)
+        assert len(linear._layer_groups(x)) == n_groups
+        grouped = fit_probes(x, y, **kw)
+        assert torch.equal(grouped.epochs, together.epochs)
+        torch.testing.assert_close(grouped.weight, together.weight, atol=1e-4, rtol=1e-3)
+        torch.testing.assert_close(grouped.mean, together.mean)
+
+
 def test_early_stopping_stops_before_overfitting():
     # 30% of the training labels flipped, 100 dims of which 5 carry signal, no penalty to speak of: the full fit
     # learns the noise, the early-stopped one does not.

@@ -611,6 +611,62 @@ class LinearProbes:
         return self.accuracy(features, labels) - self.control_accuracy(features, types)
 
 
+#: On a CPU, layers are fitted in groups whose features fit in about this many bytes: every L-BFGS iteration
+#: reads a group's features twice, and from the cache rather than main memory that is up to twice as fast (the
+#: fits are independent per layer, so grouping changes no result).
+_CPU_GROUP_BYTES = 16 << 20
+
+
+def _layer_groups(x: torch.Tensor) -> list[slice]:
+    """Slices of the layers of ``x`` [L, N, D] to fit together: all at once on a GPU (fewer, larger launches)."""
+    L = x.shape[0]
+    if x.device.type != "cpu":
+        return [slice(0, L)]
+    per_layer = x[0].numel() * x.element_size()
+    size = max(1, min(L, _CPU_GROUP_BYTES // max(1, per_layer)))
+    return [slice(i, min(i + size, L)) for i in range(0, L, size)]
+
+
+def _fit_layers(x, ys, fit_w, val_w, fit_rows, n_classes: int, *, l2, standardize, max_epochs, tol, history,
+                patience, min_delta, seed):
+    """Fit the probes of the layers of ``x`` [L, N, D] together: (theta, epochs, converged, mean, scale)."""
+    dev = x.device
+    L, _, dim = x.shape
+    n_val = int((val_w > 0).sum())
+    threads = _pass_threads(x.numel())
+    with _threads(dev, 1):
+        raw_mean, raw_std = _fit_moments(x, (fit_w > 0).float(), threads)
+        raw_var = raw_std * raw_std
+        if standardize:
+            mean = raw_mean
+            # A feature whose spread is within float32 round-off of its values is constant: scale 1, as
+            # StandardScaler does for zero variance (dividing by the round-off would turn it into noise or a copy
+            # of the bias).
+            tiny = torch.maximum(1e-12 * raw_std.amax(1, keepdim=True), 8 * torch.finfo(x.dtype).eps * raw_mean.abs())
+            scale = torch.where(raw_std > tiny.clamp_min(1e-30), raw_std, torch.ones_like(raw_std))
+        else:
+            mean = torch.zeros(L, dim, device=dev)
+            scale = torch.ones(L, dim, device=dev)
+        prob = _Problem(x, mean, scale, ys, fit_w, val_w, n_classes, l2, threads)
+        K = 1 if n_classes == 2 else n_classes
+        theta0 = torch.zeros(L, ys.shape[0], K, dim + 1, device=dev)
+        # Early stopping regularizes through the optimizer's path (its first steps are gradient-like on the
+        # standardized features), so that path stays plain; without it only the optimum matters, and a
+        # preconditioner reaches it in a few times fewer passes.
+        precond = None
+        if not n_val:
+            c = 0.25 if n_classes == 2 else 1.0 / n_classes
+            # A random subset of the samples, enough to resolve a covariance of dim dimensions: more cost more
+            # than they save.
+            rows = fit_rows[: max(1024, 2 * dim)]
+            precond = _Preconditioner(prob, rows, raw_mean, raw_var, c, l2, _SKETCH_RANK, seed)
+        theta, epochs, converged = _lbfgs(
+            prob, theta0, max_iter=max_epochs, tol=tol, history=history, early_stop=n_val > 0, patience=patience,
+            min_delta=min_delta, precond=precond,
+        )
+    return theta, epochs, converged, mean, scale
+
+
 def fit_probes(
     features,
     labels,
@@ -689,37 +745,12 @@ def fit_probes(
     val_w = torch.zeros(n, device=dev)
     if n_val:
         val_w.index_fill_(0, perm[:n_val], 1.0 / n_val)
-    threads = _pass_threads(x.numel())
-    with _threads(dev, 1):
-        raw_mean, raw_std = _fit_moments(x, (fit_w > 0).float(), threads)
-        raw_var = raw_std * raw_std
-        if standardize:
-            mean = raw_mean
-            # A feature whose spread is within float32 round-off of its values is constant: scale 1, as
-            # StandardScaler does for zero variance (dividing by the round-off would turn it into noise or a copy
-            # of the bias).
-            tiny = torch.maximum(1e-12 * raw_std.amax(1, keepdim=True), 8 * torch.finfo(x.dtype).eps * raw_mean.abs())
-            scale = torch.where(raw_std > tiny.clamp_min(1e-30), raw_std, torch.ones_like(raw_std))
-        else:
-            mean = torch.zeros(L, dim, device=dev)
-            scale = torch.ones(L, dim, device=dev)
-        prob = _Problem(x, mean, scale, ys, fit_w, val_w, n_classes, l2, threads)
-        K = 1 if n_classes == 2 else n_classes
-        theta0 = torch.zeros(L, ys.shape[0], K, dim + 1, device=dev)
-        # Early stopping regularizes through the optimizer's path (its first steps are gradient-like on the
-        # standardized features), so that path stays plain; without it only the optimum matters, and a
-        # preconditioner reaches it in a few times fewer passes.
-        precond = None
-        if not n_val:
-            c = 0.25 if n_classes == 2 else 1.0 / n_classes
-            # A random subset of the samples, enough to resolve a covariance of dim dimensions: more cost more
-            # than they save.
-            rows = perm[n_val:][: max(1024, 2 * dim)]
-            precond = _Preconditioner(prob, rows, raw_mean, raw_var, c, l2, _SKETCH_RANK, seed)
-        theta, epochs, converged = _lbfgs(
-            prob, theta0, max_iter=max_epochs, tol=tol, history=history, early_stop=n_val > 0, patience=patience,
-            min_delta=min_delta, precond=precond,
-        )
+    fits = [
+        _fit_layers(x[group], ys, fit_w, val_w, perm[n_val:], n_classes, l2=l2, standardize=standardize,
+                    max_epochs=max_epochs, tol=tol, history=history, patience=patience, min_delta=min_delta, seed=seed)
+        for group in _layer_groups(x)
+    ]
+    theta, epochs, converged, mean, scale = (torch.cat(parts) for parts in zip(*fits))
     opts = dict(l2=l2, val_fraction=val_fraction, max_epochs=max_epochs, patience=patience, min_delta=min_delta,
                 tol=tol, standardize=standardize, seed=seed)
 
