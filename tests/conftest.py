@@ -42,3 +42,12 @@ def quick_run():
     from workbench import toys
 
     return toys.ensure_run(quick=True, progress=False)
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test: for tiny models a second one only adds synchronization."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -35,13 +35,8 @@ TASK = CrossEntropyTask()
 QUIET = dict(progress=False, report=False)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: a second intra-op thread only adds synchronization (and is slow on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny models: a second intra-op thread only adds synchronization (and is slow on a busy machine).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- small models and data -----------------------------------------------------------------------------

@@ -22,13 +22,8 @@ from workbench.probes.influence import STRATEGIES, CrossEntropyTask, fit_factors
 kronfluence = pytest.importorskip("kronfluence")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: a second intra-op thread only adds synchronization (and is slow on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny models: a second intra-op thread only adds synchronization (and is slow on a busy machine).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def kronfluence_scores(model, task, train_ds, query_ds, *, strategy, tmp_path, batch_size, query_batch_size,

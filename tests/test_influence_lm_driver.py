@@ -32,12 +32,8 @@ MICRO = LMConfig(corpus=CorpusConfig(n_entities=4, attributes=("color",), proced
 QUIET = dict(progress=False)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny models: a second intra-op thread only adds synchronization (and is slow on a busy machine).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

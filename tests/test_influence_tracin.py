@@ -13,13 +13,8 @@ from workbench.probes.influence import CrossEntropyTask, tracin_scores
 TASK = CrossEntropyTask()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: a second intra-op thread only adds synchronization (and is slow on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny models: a second intra-op thread only adds synchronization (and is slow on a busy machine).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def checkpoints(tmp_path):
