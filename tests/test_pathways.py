@@ -18,9 +18,11 @@ from workbench.probes.pathways import (
     group_mean_distance,
     layer_distances,
     levenshtein_torch,
+    match_groups,
     memorized_since,
     pairwise_distances,
     parse_pathway,
+    pathway_embedding,
     pathway_text,
     pathways,
     sample_pairs,
@@ -348,3 +350,44 @@ def test_cuda_pathways_give_the_cpu_numbers(unit):
     mats = [torch.randn(64, 16) for _ in range(8)]
     torch.testing.assert_close(consistency(weights.cuda(), mats)["consistency"].cpu(),
                                consistency(weights, mats)["consistency"], atol=1e-5, rtol=1e-5)
+
+
+def test_pathway_embedding_marks_each_layers_experts():
+    p = Pathways.from_lists([[[0, 1], [2]], [[1], [2, 3]]], n_experts=4)
+    expect = torch.tensor([[1, 1, 0, 0, 0, 0, 1, 0],
+                           [0, 1, 0, 0, 0, 0, 1, 1]], dtype=torch.float32)
+    assert torch.equal(pathway_embedding(p), expect)
+
+
+def test_match_groups_by_hand_and_against_every_permutation():
+    import itertools
+
+    # By hand: a0 = (1, 0) goes with b1 = (1, 0.1) (cos 0.995) and a1 = (0, 1) with b0 (cos 1); a2 = (1, 1) would
+    # only add 0.707 in place of either, so it stays unpaired.
+    a = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    b = torch.tensor([[0.0, 1.0], [1.0, 0.1]])
+    ia, ib, sim = match_groups(a, b)
+    assert ia.tolist() == [0, 1] and ib.tolist() == [1, 0]
+    assert sim.tolist() == pytest.approx([1 / math.sqrt(1.01), 1.0])
+    # Random groups: the matching's total similarity is the best over all one-to-one pairings.
+    g = torch.Generator().manual_seed(0)
+    for ga, gb in ((4, 4), (3, 5), (5, 3)):
+        a, b = torch.rand(ga, 6, generator=g), torch.rand(gb, 6, generator=g)
+        cos = torch.nn.functional.normalize(a.double(), dim=1) @ torch.nn.functional.normalize(b.double(), dim=1).T
+        if ga <= gb:
+            best = max(sum(cos[i, j] for i, j in enumerate(perm)) for perm in itertools.permutations(range(gb), ga))
+        else:
+            best = max(sum(cos[i, j] for j, i in enumerate(perm)) for perm in itertools.permutations(range(ga), gb))
+        ia, ib, sim = match_groups(a, b)
+        assert len(ia) == min(ga, gb) and len(set(ia.tolist())) == len(set(ib.tolist())) == len(ia)
+        assert float(sim.sum()) == pytest.approx(float(best))
+        torch.testing.assert_close(sim, cos[ia, ib])
+
+
+def test_match_groups_refuses_bad_embeddings():
+    with pytest.raises(InputError, match="one dim"):
+        match_groups(torch.ones(2, 3), torch.ones(2, 4))
+    with pytest.raises(InputError, match="all-zero"):
+        match_groups(torch.tensor([[1.0, 0.0], [0.0, 0.0]]), torch.ones(2, 2))
+    with pytest.raises(InputError, match="NaN"):
+        match_groups(torch.tensor([[1.0, float("nan")]]), torch.ones(1, 2))

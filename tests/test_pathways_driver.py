@@ -167,3 +167,49 @@ def test_rise_window_starts_at_the_last_low_checkpoint_before_the_best():
     grok = np.array([0.4, 0.42, 0.41, 0.42, 0.5, 0.9, 0.99, 0.98])
     assert rise_mask(grok).tolist() == [False] * 3 + [True] * 5  # 0.42 <= 0.4 + 0.1 x 0.59, then the climb
     assert rise_mask(np.array([0.5, 0.5, 0.5])).tolist() == [True] * 3
+
+
+def test_memorized_groups_are_paired_one_to_one_with_generalized_groups(quick_run):
+    # The quick built-in run (measured with the demo's options; reused when the demo test measured it already):
+    # unlike the tiny run, some of its test samples generalize, so there are groups on both sides.
+    run = quick_run
+    measure(run, [RoutingPathways()], progress=False)
+    table = run.store.table("pathways", final=False)
+    final = run.store.table("pathways", final=True)
+    steps = run.steps
+    groups = final.drop_nulls("since")["group"].unique().to_list()
+    train = sorted(g for g in groups if g.startswith("train@"))
+    test = sorted(g for g in groups if g.startswith("test@"))
+    assert train and test  # the fixture must give both kinds, or this test checks nothing
+    matched = rows(final, metric="matched")
+    assert matched.height == min(len(train), len(test))
+    assert matched["test_group"].n_unique() == matched.height and matched["group"].n_unique() == matched.height
+
+    # The groups' mean multi-hot pathways at the last checkpoint, from the stored texts and since-values.
+    last = rows(table, metric="n_experts", step=steps[-1])
+    texts = dict(last.select("sample_id", "pathway").iter_rows())
+    group_of = dict(last.select("sample_id", "group").iter_rows())
+    since = dict(final.filter(pl.col("metric").is_in(["memorized_since", "generalized_since"]))
+                 .select("sample_id", "value").iter_rows())
+
+    def mean_embedding(name):
+        kind, t = name.split("@")
+        ids = [s for s, v in since.items() if v == int(t) and group_of[s] == kind]
+        return P.pathway_embedding(P.Pathways.from_lists([P.parse_pathway(texts[s]) for s in ids], n_experts=8)).mean(0)
+
+    a = torch.stack([mean_embedding(g) for g in train])
+    b = torch.stack([mean_embedding(g) for g in test])
+    ia, ib, sim = P.match_groups(a, b)
+    expect = {train[i]: (test[j], s) for i, j, s in zip(ia.tolist(), ib.tolist(), sim.tolist())}
+    got = {g: (t, v) for g, t, v in matched.select("group", "test_group", "value").iter_rows()}
+    assert got.keys() == expect.keys()
+    for g, (t, v) in got.items():
+        assert t == expect[g][0] and v == pytest.approx(expect[g][1])
+    # each training group's distance against its own test group's accuracy
+    g, (t, _) = min(got.items())
+    dist = rows(final, group=g, metric="distance", layer=None).drop_nulls("step").sort("step")["value"].to_numpy()
+    acc = rows(final, group=t, metric="accuracy").drop_nulls("step").sort("step")["value"].to_numpy()
+    r = rows(final, metric="matched_correlation", group=g, of="distance", method="pearson", window="all")
+    assert r["test_group"].item() == t
+    expect_r = P.track_correlation(dist, acc, "pearson")
+    assert r["value"].item() == pytest.approx(expect_r, nan_ok=True)

@@ -621,6 +621,51 @@ def choose_eps(losses, steps=None, target: tuple[float, float] = (0.20, 0.25), d
     return float(need[want - 1])
 
 
+# --- pairing training and test groups ------------------------------------------------------------------------
+def pathway_embedding(paths) -> torch.Tensor:
+    """Multi-hot routing embedding [N, L·E] of pathways: 1 where a sample's pathway uses expert e at layer l.
+
+    A group's mean of it is the share of its members routed through each (layer, expert), which is what
+    :func:`match_groups` compares when no other embedding of the samples is at hand.
+    """
+    p = _as_pathways(paths)
+    n, n_layers, _ = p.experts.shape
+    used = p.experts >= 0
+    col = (torch.arange(n_layers, device=p.device)[None, :, None] * p.n_experts + p.experts.clamp_min(0))[used]
+    row = torch.arange(n, device=p.device)[:, None, None].expand_as(p.experts)[used]
+    out = torch.zeros(n, n_layers * p.n_experts, device=p.device)
+    out[row, col] = 1.0
+    return out
+
+
+def match_groups(a, b) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One-to-one pairing of the groups with mean embeddings ``a`` [Ga, d] to those with ``b`` [Gb, d] that
+    maximizes the total cosine similarity (the Hungarian matching of the study, through scipy's
+    ``linear_sum_assignment``). Returns the index into ``a``, the index into ``b`` and the similarity of each
+    of the min(Ga, Gb) pairs, in the order of ``a``.
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    a = torch.as_tensor(a, dtype=torch.float64).cpu()
+    b = torch.as_tensor(b, dtype=torch.float64).cpu()
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1]:
+        raise InputError(
+            f"group embeddings must be [groups, dim] with one dim on both sides; got {tuple(a.shape)} and "
+            f"{tuple(b.shape)}"
+        )
+    for name, x in (("a", a), ("b", b)):
+        if not bool(torch.isfinite(x).all()):
+            raise InputError(f"the group embeddings {name} hold NaN or infinite values; drop the groups without data")
+        zero = (x.norm(dim=1) == 0).nonzero()[:, 0].tolist()
+        if zero:
+            raise InputError(f"group(s) {zero} of {name} have an all-zero mean embedding, so no cosine similarity; "
+                             "drop them or embed the samples differently")
+    sim = torch.nn.functional.normalize(a, dim=1) @ torch.nn.functional.normalize(b, dim=1).T
+    rows, cols = linear_sum_assignment(sim.numpy(), maximize=True)
+    rows, cols = torch.as_tensor(rows, dtype=torch.long), torch.as_tensor(cols, dtype=torch.long)
+    return rows, cols, sim[rows, cols]
+
+
 # --- correlation across checkpoints ----------------------------------------------------------------------------
 def track_correlation(metric, accuracy, method: str = "pearson") -> float:
     """Correlation across checkpoints of a metric with accuracy (Pearson or Spearman); pairs with a NaN are
@@ -655,9 +700,11 @@ __all__ = [
     "group_mean_distance",
     "layer_distances",
     "levenshtein_torch",
+    "match_groups",
     "memorized_since",
     "pairwise_distances",
     "parse_pathway",
+    "pathway_embedding",
     "pathway_text",
     "pathways",
     "sample_pairs",

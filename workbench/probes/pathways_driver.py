@@ -12,7 +12,9 @@ shares per group), the resulting groups ``<group>@<step>`` (the study's "Pretrai
 their distance, per-layer distance and consistency at every checkpoint (extra column ``since``), and the
 Pearson and Spearman correlations of each group's distance and consistency with the accuracy of
 ``accuracy_group`` across checkpoints (``metric="correlation"``, extra columns ``of``, ``method``,
-``window``: ``all`` checkpoints, or from the ``rise`` of that accuracy on).
+``window``: ``all`` checkpoints, or from the ``rise`` of that accuracy on), and the study's one-to-one
+pairing of memorized-at with generalized-at groups (``metric="matched"`` and ``"matched_correlation"``, extra
+column ``test_group``; see ``RoutingPathways._matched``).
 """
 
 from __future__ import annotations
@@ -171,19 +173,9 @@ class RoutingPathways(Measurement):
         if self.accuracy_group not in means["group"].unique().to_list():
             return None
         acc = series(means, "accuracy", self.accuracy_group, steps)
-        windows = {"all": np.ones(len(steps), dtype=bool), "rise": rise_mask(acc)}
         rows = []
         for g in means["group"].unique(maintain_order=True).to_list():
-            for of in TRACKED:
-                x = series(means, of, g, steps)
-                for window, keep in windows.items():
-                    for method in ("pearson", "spearman"):
-                        try:
-                            r = P.track_correlation(x[keep], acc[keep], method)
-                        except InputError:
-                            r = math.nan
-                        rows.append({"group": g, "metric": "correlation", "of": of, "method": method,
-                                     "window": window, "value": r})
+            rows += correlation_rows(means, g, acc, steps, {"group": g, "metric": "correlation"})
         return pl.DataFrame(rows)
 
     def _since_groups(self, ps: pl.DataFrame, steps: list[int], layers: list[int]) -> list[pl.DataFrame]:
@@ -231,11 +223,38 @@ class RoutingPathways(Measurement):
             for t in sorted({s for s in since if 0 <= s < last}):  # settled only at the end: nothing to follow
                 members = [i for i, s in zip(ids, since) if s == t]
                 if len(members) >= self.min_group:
-                    jobs.append((f"{g}@{t}", t, members))
-        for name, t, members in tqdm(jobs, desc="pathways: memorized-at groups", leave=False,
-                                     disable=len(jobs) < 2):
+                    jobs.append((f"{g}@{t}", t, members, is_test))
+        for name, t, members, _ in tqdm(jobs, desc="pathways: memorized-at groups", leave=False,
+                                        disable=len(jobs) < 2):
             out_curves.append(self._curves(name, t, members, steps, paths_at, position, cons, layers))
-        return out_samples + out_groups + out_curves
+        matched = self._matched(jobs, out_curves, paths_at[last], position[last], steps)
+        return out_samples + out_groups + out_curves + ([matched] if matched is not None else [])
+
+    def _matched(self, jobs, curves, last_paths, last_position, steps) -> pl.DataFrame | None:
+        """The study's pairing of "Pretrain@t*" with "Test@t#" groups: a one-to-one matching by the cosine
+        similarity of the groups' mean embeddings (``metric="matched"``, the similarity, with the paired
+        ``test_group``), and each training group's metrics correlated with the accuracy of its own test group
+        (``metric="matched_correlation"``). The embedding is the multi-hot pathway at the last checkpoint
+        (:func:`~workbench.probes.pathways.pathway_embedding`): the study matched on text embeddings, but the
+        routing is the representation this measurement has of every sample, with no encoder to choose."""
+        train = [(name, members) for name, _, members, is_test in jobs if not is_test]
+        test = [(name, members) for name, _, members, is_test in jobs if is_test]
+        if not train or not test:
+            return None
+        emb = P.pathway_embedding(last_paths)
+
+        def means(groups):
+            return torch.stack([emb[torch.tensor([last_position[m] for m in members])].mean(0) for _, members in groups])
+
+        curve = pl.concat(curves, how="diagonal_relaxed")
+        rows = []
+        for i, j, sim in zip(*(t.tolist() for t in P.match_groups(means(train), means(test)))):
+            tr, te = train[i][0], test[j][0]
+            rows.append({"group": tr, "metric": "matched", "test_group": te, "value": sim})
+            acc = series(curve, "accuracy", te, steps)
+            rows += correlation_rows(curve, tr, acc, steps,
+                                     {"group": tr, "metric": "matched_correlation", "test_group": te})
+        return pl.DataFrame(rows)
 
     def _curves(self, name, since, members, steps, paths_at, position, cons, layers) -> pl.DataFrame:
         rows = []
@@ -263,6 +282,23 @@ class RoutingPathways(Measurement):
         return df.with_columns(group=pl.lit(name), since=pl.lit(since, dtype=pl.Int64))
 
 
+def correlation_rows(means: pl.DataFrame, group: str, acc: np.ndarray, steps: list[int], keys: dict) -> list[dict]:
+    """Rows of the Pearson and Spearman correlations of each tracked metric of ``group`` with ``acc`` across
+    checkpoints, over all checkpoints and from the rise of ``acc`` on (NaN where undefined)."""
+    windows = {"all": np.ones(len(steps), dtype=bool), "rise": rise_mask(acc)}
+    rows = []
+    for of in TRACKED:
+        x = series(means, of, group, steps)
+        for window, keep in windows.items():
+            for method in ("pearson", "spearman"):
+                try:
+                    r = P.track_correlation(x[keep], acc[keep], method)
+                except InputError:
+                    r = math.nan
+                rows.append({**keys, "of": of, "method": method, "window": window, "value": r})
+    return rows
+
+
 def series(means: pl.DataFrame, metric: str, group: str, steps: list[int]) -> np.ndarray:
     """A group's per-checkpoint value of a metric (global, not per layer) in step order; NaN where missing."""
     d = means.filter((pl.col("metric") == metric) & (pl.col("group") == group) & pl.col("layer").is_null())
@@ -283,4 +319,4 @@ def rise_mask(acc: np.ndarray, frac: float = 0.1) -> np.ndarray:
     return keep
 
 
-__all__ = ["RoutingPathways", "rise_mask", "series"]
+__all__ = ["RoutingPathways", "correlation_rows", "rise_mask", "series"]
