@@ -239,3 +239,10 @@ def test_figures_widget_and_report_section(micro_run, tmp_path):
     view.set_query(qid)
     view.set_step(run.steps[0])
     assert view.query == qid and view.step == run.steps[0] and "<span" in view.text.value
+    # the query menu rebuilt the document panels for the picked query
+    other = next(q for q in tables["scores"]["query_id"].unique(maintain_order=True).to_list() if q != qid)
+    view.set_query(other)
+    expect = figs.top_documents_figure(tables, run.steps[0], other, 2)
+    shown = view.figures["documents"]
+    assert shown.layout.title.text == expect.layout.title.text and shown.layout.title.text.startswith(other)
+    assert list(shown.data[0].x) == list(expect.data[0].x)

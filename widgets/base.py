@@ -67,13 +67,19 @@ class CheckpointView(W.VBox):
         """Drive this view's slider from another's (steps missing here snap to the nearest)."""
         other.slider.observe(lambda ch: self.set_step(ch["new"]), names="value")
 
+    def rebuild(self, name: str, step: int | None = None) -> None:
+        """Rebuild panel ``name`` at ``step`` (default: the slider's) in place, e.g. after another control
+        changed what it shows."""
+        if name not in self.figures:
+            return
+        new = self._builders[name](self.step if step is None else step)
+        fig = self.figures[name]
+        with fig.batch_update():
+            fig.data = ()
+            fig.add_traces(list(new.data))
+            fig.layout = new.layout
+
     def _on_step(self, change) -> None:
-        step = change["new"]
-        for name, fig in self.figures.items():
-            if name in self._static:
-                continue
-            new = self._builders[name](step)
-            with fig.batch_update():
-                fig.data = ()
-                fig.add_traces(list(new.data))
-                fig.layout = new.layout
+        for name in self.figures:
+            if name not in self._static:
+                self.rebuild(name, change["new"])

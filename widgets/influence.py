@@ -63,12 +63,7 @@ class InfluenceBrowser(CheckpointView):
     def _on_query(self, change) -> None:
         self.query = change["new"]
         for name in ("documents", "tokens"):
-            new = self._builders[name](self.step)
-            fig = self.figures[name]
-            with fig.batch_update():
-                fig.data = ()
-                fig.add_traces(list(new.data))
-                fig.layout = new.layout
+            self.rebuild(name)
         self.text.value = self._text()
 
 

@@ -48,20 +48,10 @@ class PathwayView(CheckpointView):
         children.insert(children.index(self.slider) + 1, W.HBox([self.group_picker, self.sample_picker]))
         self.children = tuple(children)
 
-    def _rebuild(self, name: str) -> None:
-        if name not in self.figures:
-            return
-        new = self._builders[name](self.step)
-        fig = self.figures[name]
-        with fig.batch_update():
-            fig.data = ()
-            fig.add_traces(list(new.data))
-            fig.layout = new.layout
-
     def _on_group(self, change) -> None:
         self.group = change["new"]
-        self._rebuild("layers")
+        self.rebuild("layers")
 
     def _on_sample(self, change) -> None:
         self.sample_id = change["new"]
-        self._rebuild("pathway")
+        self.rebuild("pathway")
