@@ -103,14 +103,19 @@ def test_per_expert_factors_see_only_routed_unpadded_tokens(kind):
     n_tokens = sum(docs.lengths)
     experts = next(t for t in mods if isinstance(t, TrackedExperts))
     router = next(t for t in mods if isinstance(t, TrackedRouter))
-    counts = routed_token_counts(model, batches(docs, 3))[0]
+    counts = routed_token_counts(model, batches(docs, 3), reaching_loss=False)[0]
     top_k = getattr(model.config, "top_k", None) or getattr(model.config, "num_experts_per_tok")
     # Each real token goes to top_k experts; the router sees every real token once; padding is left out.
     assert int(counts.sum()) == top_k * n_tokens
     per_expert = [f.n_tokens.get(experts.key(experts.layout.first, e), 0) for e in range(experts.n_experts)]
     assert per_expert == counts.tolist()
     assert f.n_tokens[router.name] == n_tokens
-    assert experts.experts == counts.nonzero().flatten().tolist()
+    # The loss reaches every token but each document's last (it predicts nothing): only those decide which
+    # experts are tracked.
+    reaching = routed_token_counts(model, batches(docs, 3))[0]
+    assert int(reaching.sum()) == top_k * (n_tokens - len(docs))
+    assert bool((reaching <= counts).all())
+    assert experts.experts == reaching.nonzero().flatten().tolist()
 
 
 def test_idle_experts_are_left_out_with_a_warning():
@@ -162,3 +167,28 @@ def test_lm_modules_options_and_errors():
         lm_modules(model, experts=False, routers=False, mlp_linear=False)
     with pytest.raises(UnknownArchitectureError, match="not an experts module"):
         TrackedExperts("x", torch.nn.Linear(2, 2), torch.nn.Identity())
+
+
+def test_experts_the_loss_never_reaches_are_left_out_for_answer_only_documents():
+    # Documents scored only at their last position (an answer after "a b ="): in the last block, the tokens at
+    # the other positions never reach the loss, so they count for no expert; fitting then succeeds, and an
+    # expert routed such tokens only is left out (its gradient is zero on every document).
+    from workbench.samples import IGNORE, SampleSet
+
+    model = _model("builtin", layers=2)
+    g = torch.Generator().manual_seed(0)
+    inputs = torch.randint(0, 90, (12, 3), generator=g).tolist()
+    docs = SampleSet(ids=[str(i) for i in range(12)], groups=["train"] * 12, input_ids=inputs,
+                     targets=[[IGNORE, IGNORE, (x[0] + x[1]) % 90] for x in inputs])
+    every = routed_token_counts(model, batches(docs, 4), reaching_loss=False)
+    reaching = routed_token_counts(model, batches(docs, 4))
+    assert int(every[1].sum()) == 2 * 3 * 12  # top-2 of every token
+    assert int(reaching[1].sum()) == 2 * 12  # last block: the answer positions only
+    assert int(reaching[0].sum()) == 2 * 3 * 12  # first block: every position reaches the answer by attention
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", IdleExpertsWarning)
+        mods = lm_modules(model, documents=batches(docs, 4))
+    experts = [t for t in mods if isinstance(t, TrackedExperts)]
+    assert experts[1].experts == reaching[1].nonzero().flatten().tolist()
+    fit_factors(model, batches(docs, 4), loss_fn=TASK.loss, modules=mods, mask_fn=TASK.mask, report=False,
+                **QUIET)  # raises "saw only zero gradients" if an expert without reaching tokens were tracked

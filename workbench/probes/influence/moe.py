@@ -343,11 +343,16 @@ def _router_of(adapter, block, mlp):
 
 @torch.no_grad()
 def routed_token_counts(model: nn.Module, documents, *, loss_fn: Callable | None = None,
-                        mask_fn: Callable | None = None) -> dict[int, torch.Tensor]:
-    """Per MoE block index: how many (unpadded) document tokens each expert was routed to, [experts].
+                        mask_fn: Callable | None = None, reaching_loss: bool = True) -> dict[int, torch.Tensor]:
+    """Per MoE block index: how many (unpadded) document tokens each expert was routed to that the loss
+    depends on, [experts] (``reaching_loss=False``: every unpadded routed token).
 
-    Runs ``loss_fn(model, batch)`` (default: the LM task's loss) over the batches with gradients off and reads
-    the top-k expert indices each router returns.
+    Runs ``loss_fn(model, batch)`` (default: the LM task's loss) over the batches, reads the top-k expert
+    indices each router returns, and counts a token only where the gradient of the loss reaches its MLP
+    output. When only some positions are scored (an answer after a prompt), the tokens of the last blocks at
+    the other positions never reach the loss: an expert that got only those has zero gradients on every
+    document, adds nothing to any score, and has no curvature to fit. Without parameters that require
+    gradients, every unpadded routed token counts.
     """
     from workbench.probes.influence.lm import LMTask
     from workbench.probes.influence.tasks import to_device
@@ -356,34 +361,54 @@ def routed_token_counts(model: nn.Module, documents, *, loss_fn: Callable | None
         loss_fn, mask_fn = LMTask().loss, (LMTask.mask if mask_fn is None else mask_fn)
     adapter = adapter_for(model)
     counts: dict[int, torch.Tensor] = {}
-    current: dict = {}
+    routed: dict[int, torch.Tensor] = {}
+    outputs: dict[int, torch.Tensor] = {}
+    sizes: dict[int, int] = {}
     handles = []
     for i, block in enumerate(adapter.blocks(model)):
         mlp = adapter.mlp(block)
         router = _router_of(adapter, block, mlp) if mlp is not None else None
         if router is None:
             continue
-        n_experts = router_weight_rows(router)
+        sizes[i] = router_weight_rows(router)
 
-        def hook(module, inputs, output, i=i, n_experts=n_experts):
+        def on_router(module, inputs, output, i=i):
             outs = output if isinstance(output, (tuple, list)) else (output,)
             idx = next((o for o in reversed(outs) if isinstance(o, torch.Tensor) and not o.is_floating_point()), None)
             if idx is None:
                 raise UnknownArchitectureError(f"router of block {i} returns no expert indices; cannot count routing")
-            idx = idx.reshape(idx.shape[0], -1)
-            keep = current.get("mask")
-            if keep is not None and keep.numel() == idx.shape[0]:
-                idx = idx[keep]
-            c = torch.bincount(idx.flatten().long().clamp(max=n_experts), minlength=n_experts + 1)[:n_experts]
-            counts[i] = counts.get(i, torch.zeros(n_experts, dtype=torch.long)) + c.cpu()
+            routed[i] = idx.reshape(idx.shape[0], -1)
 
-        handles.append(router.register_forward_hook(hook))
+        def on_mlp(module, inputs, output, i=i):
+            out = output[0] if isinstance(output, (tuple, list)) else output
+            if isinstance(out, torch.Tensor) and out.requires_grad:
+                outputs[i] = out
+
+        handles += [router.register_forward_hook(on_router), mlp.register_forward_hook(on_mlp)]
     device = next(model.parameters()).device
     try:
         for batch in documents:
             batch = to_device(batch, device)
-            current["mask"] = mask_fn(batch).reshape(-1).bool() if mask_fn is not None else None
-            loss_fn(model, batch)
+            routed.clear()
+            outputs.clear()
+            mask = mask_fn(batch).reshape(-1).bool() if mask_fn is not None else None
+            with torch.set_grad_enabled(reaching_loss):
+                loss = loss_fn(model, batch)
+                keys = [i for i in routed if i in outputs] if reaching_loss else []
+                grads = dict(zip(keys, torch.autograd.grad(loss, [outputs[i] for i in keys], allow_unused=True))) \
+                    if keys else {}
+            for i, idx in routed.items():
+                keep = torch.ones(idx.shape[0], dtype=torch.bool, device=idx.device)
+                if mask is not None and mask.numel() == idx.shape[0]:
+                    keep &= mask.to(idx.device)
+                if i in grads:  # a block without an output gradient to read counts every routed token
+                    g = grads[i]
+                    reach = torch.zeros_like(keep) if g is None else g.reshape(-1, g.shape[-1]).ne(0).any(-1)
+                    if reach.numel() == idx.shape[0]:
+                        keep &= reach.to(idx.device)
+                n = sizes[i]
+                c = torch.bincount(idx[keep].flatten().long().clamp(max=n), minlength=n + 1)[:n]
+                counts[i] = counts.get(i, torch.zeros(n, dtype=torch.long)) + c.cpu()
     finally:
         for h in handles:
             h.remove()
@@ -405,8 +430,10 @@ def lm_modules(model: nn.Module, *, mlp_linear: bool = True, experts: bool = Tru
 
     Blocks are found through :func:`workbench.models.adapter_for` (GPT-NeoX/Pythia, Llama, OLMoE, Mixtral,
     Qwen2-MoE, the built-in model, or the generic adapter). ``layers`` keeps only those block indices.
-    With ``documents`` (the batches the factors will be fitted on), experts that no document token is routed
-    to are left out, with an :class:`IdleExpertsWarning` naming them: they have no curvature to fit.
+    With ``documents`` (the batches the factors will be fitted on), experts that no document token the loss
+    depends on is routed to (:func:`routed_token_counts`) are left out, with an :class:`IdleExpertsWarning`
+    naming them: their gradient is zero on every document, so they add nothing to any score and have no
+    curvature to fit.
     """
     adapter = adapter_for(model)
     counts = routed_token_counts(model, documents, loss_fn=loss_fn, mask_fn=mask_fn) \
