@@ -31,7 +31,8 @@ def test_demo_quick_writes_a_self_contained_report(tmp_path, quick_run):
     assert res.stdout.strip().splitlines()[-1] == f"report: {out.resolve()}"
     html = out.read_text()
     check_self_contained(html)
-    for title in ("Training and test accuracy", "Routing statistics"):
+    for title in ("Training and test accuracy", "Routing statistics", "Influence of training documents",
+                  "lean on training documents with the same answer"):
         assert title in html
     # a second demo reuses the run and the store: nothing is trained or measured again
     parts = sorted(p.stat().st_mtime_ns for p in (quick_run.root / "store").rglob("step_*.parquet"))

@@ -37,11 +37,14 @@ def _open_run(path: str):
 def cmd_demo(args) -> Path:
     from workbench import toys
     from workbench.measure import measure
+    from workbench.probes.influence.over_checkpoints import grokking_influence
     from workbench.report import run_report
 
     run = toys.ensure_run(quick=args.quick or None, retrain=args.retrain)
     print(f"run: {run.root} ({len(run)} checkpoints)", flush=True)
     measure(run, [make_measurement(n) for n in DEMO_MEASUREMENTS], device=args.device, overwrite=args.retrain)
+    # Influence of the training pairs on held-out answers at the run's phases (a few seconds on the CPU).
+    grokking_influence(run, device=args.device, overwrite=args.retrain)
     path = run_report(run, args.out)
     print(f"report: {path.resolve()}", flush=True)
     return path

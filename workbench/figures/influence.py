@@ -224,6 +224,30 @@ def findings_figure(summary: pl.DataFrame, step: int | None = None, metrics: Seq
     return fig
 
 
+def same_answer_figure(share: pl.DataFrame, width: int = 700) -> go.Figure:
+    """Over checkpoints, the mean share of the queries' top and bottom documents that have the query's
+    answer (:func:`~workbench.probes.influence.findings.same_answer_share`), beside the share among all
+    documents."""
+    means = share.group_by("step").agg(pl.col("top", "bottom", "chance").mean()).sort("step")
+    k = int(share["k"].max())
+    fig = go.Figure()
+    for col, name, style in (("top", f"top {k} documents", dict(color="#d62728")),
+                             ("bottom", f"bottom {k} documents", dict(color="#1f77b4")),
+                             ("chance", "all documents", dict(color="gray", dash="dot"))):
+        fig.add_trace(go.Scatter(x=means["step"].to_list(), y=means[col].to_list(), mode="lines+markers",
+                                 name=name, line=style))
+    fig.update_xaxes(title_text="step")
+    fig.update_yaxes(title_text="share with the query's answer", rangemode="tozero")
+    fig.update_layout(width=width, height=360, margin=dict(t=60, l=60, r=20, b=50),
+                      title=dict(text="do held-out answers lean on training documents with the same answer?", x=0.01))
+    return fig
+
+
+def _has_answers(tables: dict) -> bool:
+    docs, queries = tables.get("documents"), tables.get("queries")
+    return docs is not None and queries is not None and "answer" in docs.columns and "answer" in queries.columns
+
+
 def report_section(store, run=None):
     """The report's influence section, or None when the store has no influence table."""
     from workbench.probes.influence.findings import summary as findings_summary
@@ -255,6 +279,15 @@ def report_section(store, run=None):
             parts.append(f"{r['type']} ({r['queries']} queries): " + ", ".join(b for b in bits if b))
         sec.add(f"At step {steps[-1]}: " + "; ".join(parts) + ".")
         sec.add(findings_figure(summ))
+    elif _has_answers(tables):
+        from workbench.probes.influence.findings import same_answer_share
+
+        share = same_answer_share(tables, 10)
+        means = share.group_by("step").agg(pl.col("top", "chance").mean()).sort("step")
+        trend = ", ".join(f"{t:.2f} at step {s}" for s, t in means.select("step", "top").iter_rows())
+        sec.add(f"Share of each held-out query's top 10 training documents that have its answer: {trend} "
+                f"(among all documents: {means['chance'][0]:.2f}).")
+        sec.add(same_answer_figure(share))
     sec.add(with_slider(lambda s: correlation_figure(tables, s), steps))
     queries = tables["queries"]
     pick = None
@@ -267,4 +300,4 @@ def report_section(store, run=None):
 
 
 __all__ = ["correlation_figure", "findings_figure", "query_label", "ranked_documents", "report_section",
-           "token_figure", "token_html", "top_documents_figure"]
+           "same_answer_figure", "token_figure", "token_html", "top_documents_figure"]

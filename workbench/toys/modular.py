@@ -34,3 +34,13 @@ def modular_addition(p: int, train_fraction: float, seed: int = 0) -> SampleSet:
         input_ids=[row.tolist() for row in inputs],
         targets=[row.tolist() for row in targets],
     )
+
+
+class ModularTokenizer:
+    """Token text for the modular-addition samples: ids 0..p-1 are the numbers, ``p`` is ``=``."""
+
+    def __init__(self, p: int):
+        self.p = p
+
+    def tokens(self, ids) -> list[str]:
+        return ["=" if int(i) == self.p else str(int(i)) for i in ids]

@@ -106,4 +106,31 @@ def summary(tables: dict, k: int = 10) -> pl.DataFrame:
     return means.join(within, on=["step", "type"], how="left").sort("step", "type")
 
 
-__all__ = ["correlation_by_type", "per_query", "query_types", "summary"]
+def same_answer_share(tables: dict, k: int = 10) -> pl.DataFrame:
+    """Per (step, query): the share of the query's top ``k`` documents (``top``) and of its bottom ``k``
+    (``bottom``) whose ``answer`` equals the query's, beside the share among all documents (``chance``).
+
+    For the built-in modular-addition run (:func:`~workbench.probes.influence.over_checkpoints.grokking_influence`):
+    does a held-out answer lean on training pairs with the same answer, as a model that computes the sum would,
+    or on others, as a lookup would? Needs an ``answer`` column in both information tables."""
+    scores, docs, queries = tables["scores"], tables["documents"], tables["queries"]
+    if docs is None or queries is None or "answer" not in docs.columns or "answer" not in queries.columns:
+        raise InputError("same_answer_share needs an 'answer' column in the documents' and queries' information "
+                         "(grokking_influence writes them; pass document_info= and query_info= to measure_influence)")
+    answer_of_doc = dict(docs.select("doc_id", "answer").iter_rows())
+    answer_of_query = dict(queries.select("query_id", "answer").iter_rows())
+    rows = []
+    for step in sorted(scores["step"].unique().to_list()):
+        mat, q_ids, d_ids = score_matrix(scores, step)
+        d_answer = torch.tensor([answer_of_doc[d] for d in d_ids])
+        kk = min(k, len(d_ids))
+        top = torch.topk(mat, kk, dim=1).indices
+        bottom = torch.topk(-mat, kk, dim=1).indices
+        for qi, qid in enumerate(q_ids):
+            same = d_answer == answer_of_query[qid]
+            rows.append({"step": step, "query_id": qid, "k": kk, "top": float(same[top[qi]].float().mean()),
+                         "bottom": float(same[bottom[qi]].float().mean()), "chance": float(same.float().mean())})
+    return pl.DataFrame(rows)
+
+
+__all__ = ["correlation_by_type", "per_query", "query_types", "same_answer_share", "summary"]

@@ -48,7 +48,7 @@ from workbench.probes.influence.moe import lm_modules
 from workbench.probes.influence.scores import pairwise_scores
 from workbench.probes.influence.tracking import resolve_modules
 from workbench.runs import Run
-from workbench.samples import SampleSet
+from workbench.samples import IGNORE, SampleSet
 from workbench.store import Store, write_json_atomic, write_parquet_atomic
 
 MODULE_SETS = ("lm", "linear")
@@ -71,11 +71,18 @@ def _token_text(tokenizer, ids: Sequence[int]) -> list[str]:
     return [tokenizer.decode([i]) for i in ids]
 
 
+def _shown_ids(x: Sequence[int], y: Sequence[int]) -> list[int]:
+    """The tokens a view shows for a sample: its input, plus the last position's target when that is scored
+    (a sample whose answer follows its input, as the built-in modular-addition samples), so that every
+    scored position has a token to carry its contribution."""
+    return list(x) + ([y[-1]] if y and y[-1] != IGNORE else [])
+
+
 def _info_frame(samples: SampleSet, id_name: str, tokenizer, extra: pl.DataFrame | None) -> pl.DataFrame:
     df = pl.DataFrame({
         id_name: samples.ids, "group": samples.groups,
-        "tokens": [_token_text(tokenizer, x) for x in samples.input_ids],
-        "scored": [[t != -100 for t in y] for y in samples.targets],
+        "tokens": [_token_text(tokenizer, _shown_ids(x, y)) for x, y in zip(samples.input_ids, samples.targets)],
+        "scored": [[t != IGNORE for t in y] for y in samples.targets],
     }, schema={id_name: pl.String, "group": pl.String, "tokens": pl.List(pl.String), "scored": pl.List(pl.Boolean)})
     if extra is not None:
         if id_name not in extra.columns:
@@ -245,11 +252,12 @@ def _token_scores(model, factors, task, docs, queries, scores, top_k, damping, t
                                     loss_fn=task.loss, measurement_fn=task.measurement, mask_fn=task.mask,
                                     modules=tracked, damping=damping, per_token=True, progress=False)
         for j, di in enumerate(picked):
-            n = docs.lengths[di]
-            # Position t predicts token t + 1: its contribution is shown on that token (position t + 1).
-            contrib = tokens[0, j, : n - 1].double()
+            # Position t predicts token t + 1: its contribution is shown on that token (position t + 1). The
+            # last position predicts a token past the input only when its target is scored (see _shown_ids).
+            n = len(_shown_ids(docs.input_ids[di], docs.targets[di])) - 1
+            contrib = tokens[0, j, :n].double()
             rows.append(pl.DataFrame({"metric": "token_score", "query_id": qid, "group": queries.groups[qi],
-                                      "doc_id": docs.ids[di], "position": list(range(1, n)),
+                                      "doc_id": docs.ids[di], "position": list(range(1, n + 1)),
                                       "value": contrib.numpy()}))
     return pl.concat(rows) if rows else pl.DataFrame()
 
@@ -307,4 +315,55 @@ def builtin_influence(run: Run, *, steps: Sequence[int] | None = None, name: str
                              tokenizer=corpus.tokenizer, document_info=d_info, query_info=q_info, **kwargs)
 
 
-__all__ = ["architecture", "builtin_influence", "influence_tables", "measure_influence", "score_matrix"]
+def phase_steps(run: Run, n: int = 4) -> list[int]:
+    """Checkpoints of a built-in grokking run at its phases: where train accuracy first reaches 0.99
+    (memorized), where test accuracy first reaches 0.5 and 0.95 (generalizing), and the last; evenly spaced
+    checkpoints when the run recorded no accuracies. At most ``n`` distinct steps, in order."""
+    metrics = run.metrics()
+    steps = run.steps
+    if not {"train_acc", "test_acc"} <= set(metrics.columns):
+        return sorted({steps[round(i * (len(steps) - 1) / max(1, n - 1))] for i in range(n)})
+
+    def first(col: str, level: float) -> int | None:
+        hit = metrics.filter(pl.col(col) >= level)["step"]
+        return int(hit.min()) if len(hit) else None
+
+    picks = [first("train_acc", 0.99), first("test_acc", 0.5), first("test_acc", 0.95), steps[-1]]
+    return sorted({s for s in picks if s is not None})[:n]
+
+
+def grokking_influence(run: Run, *, steps: Sequence[int] | None = None, n_queries: int = 16, seed: int = 0,
+                       name: str = "influence", **kwargs) -> Store:
+    """:func:`measure_influence` on a built-in modular-addition run: the training pairs are the documents
+    (their loss is the training loss: the answer after ``a b =``), ``n_queries`` test pairs drawn with
+    ``seed`` are the queries, at :func:`phase_steps` by default. The information columns hold each pair's
+    ``a``, ``b``, ``answer`` and text, so the views show ``3 + 4 = 7`` and
+    :func:`~workbench.probes.influence.findings.same_answer_share` can ask whether a test answer leans on
+    training pairs with the same answer."""
+    from workbench.toys.modular import ModularTokenizer
+
+    samples = run.samples
+    if samples is None or not {"train", "test"} <= set(samples.groups):
+        raise InputError(f"run {run.name!r} has no train and test samples; give a built-in modular-addition run")
+    p = samples.max_token()  # the '=' sign; the numbers are 0..p-1
+    docs, tests = samples.group("train"), samples.group("test")
+    if n_queries < 1:
+        raise InputError(f"n_queries must be at least 1, not {n_queries}")
+    pick = torch.randperm(len(tests), generator=torch.Generator().manual_seed(seed))[: min(n_queries, len(tests))]
+    queries = tests.select(sorted(pick.tolist()))
+
+    def info(s: SampleSet, id_name: str) -> pl.DataFrame:
+        a = [x[0] for x in s.input_ids]
+        b = [x[1] for x in s.input_ids]
+        c = [y[-1] for y in s.targets]
+        return pl.DataFrame({id_name: s.ids, "a": a, "b": b, "answer": c,
+                             "completion": [str(v) for v in c],
+                             "text": [f"{x} + {y} = {z}" for x, y, z in zip(a, b, c)]})
+
+    return measure_influence(run, queries, docs, steps=steps if steps is not None else phase_steps(run),
+                             name=name, tokenizer=ModularTokenizer(p), document_info=info(docs, "doc_id"),
+                             query_info=info(queries, "query_id"), **kwargs)
+
+
+__all__ = ["architecture", "builtin_influence", "grokking_influence", "influence_tables", "measure_influence",
+           "phase_steps", "score_matrix"]
