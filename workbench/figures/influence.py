@@ -40,7 +40,9 @@ def _query(tables: dict, query_id: str | None) -> dict:
 
 def query_label(q: dict, width: int = 70) -> str:
     """``prompt → completion`` of a query, shortened for titles."""
-    if q.get("tokens"):
+    if q.get("prompt") and q.get("completion"):
+        text = f"{q['prompt']} → {q['completion']}"
+    elif q.get("tokens"):
         toks, scored = q["tokens"], q.get("scored") or [False] * len(q["tokens"])
         prompt = " ".join(t for t, s in zip(toks, scored) if not s and t not in ("<bos>", "<pad>"))
         text = prompt + (f" → {q['completion']}" if q.get("completion") else "")
@@ -92,7 +94,9 @@ def top_documents_figure(tables: dict, step: int | None = None, query_id: str | 
     fig.update_xaxes(title_text="influence score")
     fig.update_layout(width=width, height=120 + 34 * len(rows), margin=dict(t=50, l=60, r=20, b=40),
                       title=dict(text=f"{q['query_id']}: {html.escape(query_label(q))}<br><sup>top and bottom "
-                                      f"documents at step {step} (red: procedural, blue: factual)</sup>", x=0.01),
+                                      f"documents at step {step}"
+                                      + (" (red: procedural, blue: factual)" if any(kinds) else "") + "</sup>",
+                                 x=0.01),
                       uniformtext=dict(minsize=9, mode="hide"))
     return fig
 

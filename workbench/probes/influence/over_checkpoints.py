@@ -357,7 +357,7 @@ def grokking_influence(run: Run, *, steps: Sequence[int] | None = None, n_querie
         b = [x[1] for x in s.input_ids]
         c = [y[-1] for y in s.targets]
         return pl.DataFrame({id_name: s.ids, "a": a, "b": b, "answer": c,
-                             "completion": [str(v) for v in c],
+                             "prompt": [f"{x} + {y} =" for x, y in zip(a, b)], "completion": [str(v) for v in c],
                              "text": [f"{x} + {y} = {z}" for x, y, z in zip(a, b, c)]})
 
     return measure_influence(run, queries, docs, steps=steps if steps is not None else phase_steps(run),
