@@ -149,3 +149,28 @@ def test_an_error_mid_run_keeps_what_was_measured(tiny_run, tmp_path):
     measure(run, [LossAccuracy()], progress=False)
     assert run.store.steps("basic") == run.steps
     assert run.store.table("basic").filter(pl.col("step").is_in(run.steps[:3])).equals(first)
+
+
+def test_temporary_files_of_dead_writers_are_removed_when_a_probe_resumes(tmp_path, monkeypatch):
+    # A writer killed between creating its temporary file and renaming it leaves the file behind; the next
+    # begin() of that probe removes it, and leaves those of writers still running (and the parts) alone.
+    store = Store(tmp_path / "store", run="r")
+    store.begin("basic", {"a": 1})
+    store.write("basic", 0, pl.DataFrame({"metric": ["loss"], "value": [1.0]}))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    folder = tmp_path / "store" / "basic"
+    orphan = folder / f".step_000001.parquet.{dead.pid}.x1y2.tmp"
+    running = folder / f".step_000002.parquet.{os.getppid()}.x3y4.tmp"
+    foreign = folder / ".notes.tmp"
+    for f in (orphan, running, foreign):
+        f.write_bytes(b"partial")
+    store.begin("basic", {"a": 1})
+    assert not orphan.exists() and running.exists() and foreign.exists()
+    assert store.steps("basic") == [0]
+    # the writers name their temporary files with their process id
+    seen = []
+    real = os.replace
+    monkeypatch.setattr(os, "replace", lambda src, dst: (seen.append(os.path.basename(src)), real(src, dst))[1])
+    store.write("basic", 1, pl.DataFrame({"metric": ["loss"], "value": [2.0]}))
+    assert seen and seen[0].startswith(f".step_000001.parquet.{os.getpid()}.")

@@ -43,11 +43,40 @@ _PART = re.compile(r"^step_(\d+)\.parquet$")
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
+def _temp_file(path: Path) -> tuple[int, str]:
+    """A temporary file beside ``path`` whose name carries this process's id, so that one left behind by a
+    killed writer can be told from one still being written (:func:`remove_orphans`)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_orphans(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files in ``folder`` left by writers that no longer run (killed mid-write); the
+    parts they were writing were never renamed into place, so nothing measured is lost. Returns them."""
+    removed = []
+    for f in Path(folder).glob(".*.tmp"):
+        parts = f.name[: -len(".tmp")].split(".")
+        pid = parts[-2] if len(parts) >= 2 else ""
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            f.unlink(missing_ok=True)
+            removed.append(f)
+    return removed
+
+
 def write_parquet_atomic(df: pl.DataFrame, path: str | os.PathLike) -> None:
     """Write ``df`` to ``path`` through a temporary file in the same folder and an atomic rename."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _temp_file(path)
     os.close(fd)
     try:
         df.write_parquet(tmp)
@@ -59,8 +88,7 @@ def write_parquet_atomic(df: pl.DataFrame, path: str | os.PathLike) -> None:
 
 def write_json_atomic(obj, path: str | os.PathLike) -> None:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _temp_file(path)
     with os.fdopen(fd, "w") as f:
         json.dump(obj, f, indent=1, sort_keys=True, default=str)
     os.replace(tmp, path)
@@ -123,6 +151,8 @@ class Store:
         """Record ``options`` for ``probe``; refuse to resume under different options unless ``overwrite``,
         which removes the probe's parts first."""
         options = json.loads(json.dumps(options, sort_keys=True, default=str))
+        if self._dir(probe).exists():  # a writer killed mid-part leaves its temporary file behind
+            remove_orphans(self._dir(probe))
         old = self.options(probe)
         if overwrite:
             self.clear(probe)
