@@ -471,7 +471,8 @@ def lm_modules(model: nn.Module, *, mlp_linear: bool = True, experts: bool = Tru
             if active is None or active:
                 tracked.append(TrackedExperts(names[id(experts_mod)], experts_mod, mlp, experts=active))
     if idle:
-        warnings.warn(f"{len(idle)} experts got no document token and are not tracked: {', '.join(idle[:8])}"
+        warnings.warn(f"{len(idle)} experts got no document token the loss depends on and are not tracked (their "
+                      f"gradient is zero on every document): {', '.join(idle[:8])}"
                       + (" ..." if len(idle) > 8 else ""), IdleExpertsWarning, stacklevel=2)
     if not tracked:
         raise InputError(
