@@ -11,7 +11,7 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
-from workbench.toys.cache import config_folder, home, locked, pinned_threads, quick_from_env
+from workbench.toys.cache import config_folder, ensure_trained, home, pinned_threads, quick_from_env
 from workbench.toys.model import ToyConfig, ToyMoETransformer
 from workbench.toys.modular import modular_addition
 from workbench.toys.train import GrokConfig, checkpoint_steps, train_modular
@@ -43,9 +43,7 @@ def ensure_run(
     if config is None:
         config = QUICK if quick_from_env(quick) else DEMO
     folder = config_folder(config, root)
-    with locked(folder):
-        if retrain or not (folder / "run.json").exists():
-            train_modular(config, folder, progress=progress)
+    ensure_trained(folder, lambda: train_modular(config, folder, progress=progress), retrain)
     return Run.from_folder(folder)
 
 

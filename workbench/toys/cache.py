@@ -13,7 +13,7 @@ import fcntl
 import hashlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -58,3 +58,12 @@ def pinned_threads(n: int = TRAINING_THREADS) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def ensure_trained(folder: Path, train: Callable[[], object], retrain: bool = False) -> Path:
+    """Run ``train()`` to fill ``folder`` unless it holds a finished run already (or ``retrain``), under the
+    folder's lock, so that concurrent callers train once."""
+    with locked(folder):
+        if retrain or not (folder / "run.json").exists():
+            train()
+    return folder

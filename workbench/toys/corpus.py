@@ -337,13 +337,3 @@ def make_corpus(config: CorpusConfig | None = None) -> Corpus:
     numbers = [str(i) for i in range(top + 1)]
     vocab = sorted({w for w in words if not w.isdigit()}) + numbers
     return Corpus(cfg, WordTokenizer(vocab), doc_frame, q_frame)
-
-
-def states_fact(documents: pl.DataFrame, entity: str, attribute: str) -> pl.Series:
-    """Which documents state the queried fact (the factual answer *in its context*, not the bare word)."""
-    return (documents["entity"] == entity) & (documents["attribute"] == attribute)
-
-
-def mentions(documents: pl.DataFrame, word: str) -> pl.Series:
-    """Which documents contain ``word`` as a whole word anywhere (the study's looser "answer appears")."""
-    return documents["text"].str.split(" ").list.contains(word)

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from workbench.errors import InputError
 from workbench.samples import IGNORE, SampleSet
-from workbench.toys.cache import config_folder, locked, pinned_threads, quick_from_env
+from workbench.toys.cache import config_folder, ensure_trained, pinned_threads, quick_from_env
 from workbench.toys.corpus import Corpus, CorpusConfig, WordTokenizer, make_corpus
 from workbench.toys.model import ToyConfig, ToyMoETransformer
 from workbench.toys.train import RUN_FORMAT, adamw, building, save_checkpoint, train_loop
@@ -88,9 +88,7 @@ def ensure_lm_run(config: LMConfig | None = None, *, quick: bool | None = None,
     if config is None:
         config = LM_QUICK if quick_from_env(quick) else LM_DEMO
     folder = run_folder(config, root)
-    with locked(folder):
-        if retrain or not (folder / "run.json").exists():
-            train_lm(config, folder, progress=progress)
+    ensure_trained(folder, lambda: train_lm(config, folder, progress=progress), retrain)
     return Run.from_folder(folder)
 
 

@@ -572,12 +572,22 @@ class Recorder:
             order = torch.argsort(torch.where(example < 0, n, example), dim=1, stable=True)
             example, position = example.gather(1, order), position.gather(1, order)
         valid = example >= 0
-        if mask is not None and mask.shape[0] == n:
-            mask = mask.to(device=a.device, dtype=torch.bool)
-            if bool((position[valid] >= mask.shape[1]).any()):
-                raise InputError(f"rows of {key!r} have token positions beyond the mask's {mask.shape[1]}")
-            valid &= mask[example.clamp(min=0), position.clamp(0, mask.shape[1] - 1)]
+        real = _on_real_tokens(key, example, position, mask, n)
+        if real is not None:
+            valid &= real
         return order, not bool(valid.all()), pack_stack(a, a, example, position, n, valid)
+
+
+def _on_real_tokens(key: str, example: torch.Tensor, position: torch.Tensor, mask: torch.Tensor | None,
+                    n_examples: int) -> torch.Tensor | None:
+    """Which rows, given by example (-1: filler) and token position, fall on real tokens of the padding
+    ``mask`` [B, T]; None when no mask applies (none given, or one for another batch size)."""
+    if mask is None or mask.shape[0] != n_examples:
+        return None
+    mask = mask.to(device=example.device, dtype=torch.bool)
+    if bool((position[example >= 0] >= mask.shape[1]).any()):
+        raise InputError(f"rows of {key!r} have token positions beyond the mask's {mask.shape[1]}")
+    return mask[example.clamp(min=0), position.clamp(0, mask.shape[1] - 1)]
 
 
 def _kept_rows(key: str, call: _Call, a: torch.Tensor, s: torch.Tensor, mask: torch.Tensor | None):
@@ -585,12 +595,7 @@ def _kept_rows(key: str, call: _Call, a: torch.Tensor, s: torch.Tensor, mask: to
     position."""
     example = call.example.to(a.device).long()
     position = call.position.to(a.device).long()
-    keep = None
-    if mask is not None and mask.shape[0] == call.n_examples:
-        mask = mask.to(device=a.device, dtype=torch.bool)
-        if position.numel() and int(position.max()) >= mask.shape[1]:
-            raise InputError(f"rows of {key!r} have token positions beyond the mask's {mask.shape[1]}")
-        keep = mask[example, position]
+    keep = _on_real_tokens(key, example, position, mask, call.n_examples)
     if keep is not None and not bool(keep.all()):
         a, s, example, position = a[keep], s[keep], example[keep], position[keep]
     return a, s, example, position
