@@ -2,8 +2,8 @@
 
 Two kinds:
 - :func:`run_report` builds a report of a run straight from its store: plotly figures with their own
-  sliders and frames, plotly.js inlined once. Each probe family contributes a section through
-  :data:`SECTIONS` (dotted paths, imported on use, so a family that is not measured costs nothing).
+  sliders and frames, plotly.js inlined once. Each registered measurement contributes its section
+  (:meth:`workbench.Measurement.section`), in the order of the registry.
 - :func:`render_notebook` executes a notebook and converts it to HTML with plotly figures embedded
   (ipywidgets are left out of reports: their embedded state renders only where a CDN can be reached).
 """
@@ -11,52 +11,32 @@ Two kinds:
 from __future__ import annotations
 
 import html
-import importlib
 import os
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 
 import plotly.graph_objects as go
 
 from workbench.errors import DependencyError, InputError
+from workbench.figures import Section
+from workbench.measure import registry
+from workbench.runs import Run
 from workbench.store import Store
 
 PLOTLY_RENDERER_FOR_REPORTS = "notebook"
 
 
-@dataclass
-class Section:
-    """A titled part of a report: text paragraphs and figures, in order."""
-
-    title: str
-    items: list = field(default_factory=list)  # str (a paragraph of plain text) or go.Figure
-
-    def add(self, item) -> "Section":
-        self.items.append(item)
-        return self
-
-
-#: Section builders ``f(store, run) -> Section | None``, as "module:function"; None means "nothing to show".
-SECTIONS: list[str] = [
-    "workbench.probes.basic.figures:training_section",
-    "workbench.probes.routing.figures:routing_section",
-    "workbench.probes.pathways.figures:report_section",
-    "workbench.probes.calibration.figures:report_section",
-    "workbench.probes.linear.figures:report_section",
-    "workbench.probes.influence.figures:report_section",
-]
-
-
-def _load(dotted: str) -> Callable:
-    mod, _, fn = dotted.partition(":")
-    return getattr(importlib.import_module(mod), fn)
-
-
-def build_sections(store: Store, run=None, sections: Sequence[str] | None = None) -> list[Section]:
+def build_sections(store: Store, run: Run | None = None, sections: Sequence[str] | None = None) -> list[Section]:
+    """The sections of the measurements in ``sections`` (registered names; default: every registered one, in
+    report order) that have something to show."""
+    known = registry()
+    names = list(known) if sections is None else list(sections)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise InputError(f"unknown measurement(s) {unknown}; known: {', '.join(known)}")
     out = []
-    for dotted in sections or SECTIONS:
-        sec = _load(dotted)(store, run)
+    for name in names:
+        sec = known[name].section(store, run)
         if sec is not None:
             out.append(sec)
     return out
@@ -93,8 +73,9 @@ def write_html(path: str | os.PathLike, title: str, sections: Sequence[Section],
     return path
 
 
-def run_report(run, path: str | os.PathLike | None = None, sections: Sequence[str] | None = None) -> Path:
-    """The report of a run's store, at ``path`` (default: ``report.html`` in the run's folder)."""
+def run_report(run: Run, path: str | os.PathLike | None = None, sections: Sequence[str] | None = None) -> Path:
+    """The report of a run's store, at ``path`` (default: ``report.html`` in the run's folder); ``sections``:
+    the measurements to show (default: all that were measured)."""
     store = run.store
     secs = build_sections(store, run, sections)
     if not secs:
@@ -111,7 +92,7 @@ def render_notebook(
     notebook: str | os.PathLike, out: str | os.PathLike | None = None, execute: bool = True, timeout: int = 1800
 ) -> Path:
     """Execute a notebook (in its own folder) and write it as HTML with plotly figures embedded."""
-    try:
+    try:  # the jupyter extra: optional, and seconds to import
         import nbformat
         from nbclient import NotebookClient
         from nbconvert import HTMLExporter

@@ -1,5 +1,5 @@
 """Figures of the ``basic`` table: accuracy and loss per group over checkpoints, and the report's training
-section."""
+section (:meth:`LossAccuracy.section <workbench.probes.basic.LossAccuracy.section>`)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,7 @@ import plotly.graph_objects as go
 import polars as pl
 from plotly.subplots import make_subplots
 
-from workbench.figures import color, with_slider
-from workbench.report import Section
-from workbench.store import Store
+from workbench.figures import Section, color, named_groups, with_slider
 
 
 def _means(basic: pl.DataFrame, metric: str) -> pl.DataFrame:
@@ -23,7 +21,7 @@ def training_curves(basic: pl.DataFrame, step: int | None = None, log_x: bool = 
     fig = make_subplots(rows=1, cols=2, subplot_titles=("accuracy", "loss"), horizontal_spacing=0.12)
     for col, metric in ((1, "accuracy"), (2, "loss")):
         df = _means(basic, metric)
-        for i, group in enumerate(g for g in df["group"].unique(maintain_order=True).to_list() if g != "all"):
+        for i, group in enumerate(named_groups(df["group"].unique(maintain_order=True).to_list())):
             d = df.filter(pl.col("group") == group)
             x = [max(s, 1) for s in d["step"].to_list()] if log_x else d["step"].to_list()
             fig.add_trace(
@@ -46,18 +44,18 @@ def _step_marker(fig: go.Figure, x: float, cols: Sequence[int] = (1,), row: int 
         fig.add_vline(x=x, line=dict(color="black", dash="dot", width=1), row=row, col=col)
 
 
-def training_section(store: Store, run=None) -> Section | None:
-    if "basic" not in store.probes():
-        return None
-    basic = store.table("basic")
+def report_section(basic: pl.DataFrame, history: list[dict] | None = None) -> Section:
+    """Accuracy at the last checkpoint, when the run memorized and generalized (from its training ``history``,
+    if it recorded one), and the training curves with a checkpoint slider."""
     steps = sorted(basic["step"].unique().to_list())
     sec = Section("Training and test accuracy")
     acc = basic.filter((basic["metric"] == "accuracy") & basic["sample_id"].is_null())
     last = acc.filter(acc["step"] == steps[-1])
-    summary = ", ".join(f"{g} {v:.3f}" for g, v in last.select("group", "value").iter_rows() if g != "all")
+    groups = named_groups(last["group"].to_list())
+    summary = ", ".join(f"{g} {v:.3f}" for g, v in last.select("group", "value").iter_rows() if g in groups)
     sec.add(f"{len(steps)} checkpoints from step {steps[0]} to {steps[-1]}. Accuracy at the last checkpoint: {summary}.")
-    if run is not None and run.info.get("history"):
-        sec.add(_transition_text(run.info["history"]))
+    if history:
+        sec.add(_transition_text(history))
     sec.add(with_slider(lambda s: training_curves(basic, step=s), steps))
     return sec
 
@@ -72,3 +70,6 @@ def _transition_text(history: list[dict]) -> str:
     if gen is not None:
         parts.append(f"test accuracy first reached 0.95 at step {gen}")
     return ("Memorization then generalization: " + "; ".join(parts) + ".") if parts else ""
+
+
+__all__ = ["report_section", "training_curves"]

@@ -14,7 +14,7 @@ import polars as pl
 from plotly.subplots import make_subplots
 
 from workbench.errors import InputError
-from workbench.figures import color, nearest_step
+from workbench.figures import Section, color, named_groups, nearest_step, with_slider
 
 METRIC_LABELS = {"ece": "ECE", "mce": "MCE", "brier": "Brier score", "nll": "NLL (nats)", "auroc": "AUROC",
                  "auprc": "AUPRC", "accuracy": "accuracy", "confidence": "mean confidence",
@@ -24,8 +24,7 @@ METRIC_LABELS = {"ece": "ECE", "mce": "MCE", "brier": "Brier score", "nll": "NLL
 def _groups(table: pl.DataFrame, groups: Sequence[str] | None) -> list[str]:
     present = table["group"].unique(maintain_order=True).to_list()
     if groups is None:
-        named = [g for g in present if g != "all"]
-        return named or present
+        return named_groups(present)
     missing = [g for g in groups if g not in present]
     if missing:
         raise InputError(f"the calibration table has no group {missing[0]!r}; it has {present}")
@@ -200,18 +199,10 @@ def calibration_at_step(table: pl.DataFrame, step: int | None = None, groups: Se
 
 
 # --- report section --------------------------------------------------------------------------------------------
-def report_section(store, run=None):
-    """The demo report's calibration section (registered in :data:`workbench.report.SECTIONS`)."""
-    from workbench.probes.calibration.measurement import transition_summary
-    from workbench.report import Section
-
-    if "calibration" not in store.probes():
-        return None
-    table = store.table("calibration")
-    if table.is_empty():
-        return None
-    from workbench import figures
-
+def report_section(table: pl.DataFrame, summary: pl.DataFrame | None = None) -> Section:
+    """The report's calibration section: the test group at the run's landmarks (``summary``, from
+    :func:`~workbench.probes.calibration.measurement.transition_summary`), calibration and discrimination over
+    checkpoints, and the reliability diagram on a checkpoint slider."""
     steps = sorted(table["step"].unique().to_list())
     sec = Section("Calibration and discrimination")
     sec.add(
@@ -220,24 +211,18 @@ def report_section(store, run=None):
         "Discrimination: AUROC, the chance that a right answer gets higher confidence than a wrong one "
         "(0.5 is chance). Shaded bands are 95% bootstrap intervals."
     )
-    groups = table["group"].unique().to_list()
-    if "test" in groups:
-        try:
-            summ = transition_summary(table, group="test")
-        except InputError:
-            summ = None
-        if summ is not None:
-            parts = []
-            for r in summ.iter_rows(named=True):
-                auroc = r.get("test_auroc")
-                auroc_s = "undefined" if auroc is None or auroc != auroc else f"{auroc:.2f}"
-                parts.append(f"{r['landmark']} (step {r['step']}): test accuracy {r['test_accuracy']:.2f}, mean "
-                             f"confidence {r['test_confidence']:.2f}, ECE {r['test_ece']:.3f}, AUROC {auroc_s}")
-            sec.add("Held-out (test) answers at the landmarks of the run: " + "; ".join(parts) + ".")
+    if summary is not None:
+        parts = []
+        for r in summary.iter_rows(named=True):
+            auroc = r.get("test_auroc")
+            auroc_s = "undefined" if auroc is None or auroc != auroc else f"{auroc:.2f}"
+            parts.append(f"{r['landmark']} (step {r['step']}): test accuracy {r['test_accuracy']:.2f}, mean "
+                         f"confidence {r['test_confidence']:.2f}, ECE {r['test_ece']:.3f}, AUROC {auroc_s}")
+        sec.add("Held-out (test) answers at the landmarks of the run: " + "; ".join(parts) + ".")
     sec.add(calibration_over_steps(table, metrics=("ece", "auroc", "overconfidence")
                                    if "overconfidence" in table["metric"].unique().to_list() else ("ece", "auroc"),
                                    height=560))
-    sec.add(figures.with_slider(lambda s: calibration_at_step(table, step=s), steps))
+    sec.add(with_slider(lambda s: calibration_at_step(table, step=s), steps))
     return sec
 
 
