@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import plotly.graph_objects as go
+import polars as pl
 
 from workbench.errors import InputError
 from workbench.samples import OVERALL
@@ -80,3 +81,15 @@ def named_groups(groups: Sequence[str]) -> list[str]:
     """The sample groups of a table's ``group`` values, without the overall group (unless it is the only one)."""
     named = [g for g in groups if g is not None and g != OVERALL]
     return named or [g for g in groups if g is not None]
+
+
+def pick_groups(table: pl.DataFrame, groups: Sequence[str] | None, what: str) -> list[str]:
+    """``groups`` after checking that the ``what`` table holds each; by default its sample groups
+    (:func:`named_groups`)."""
+    have = [g for g in table["group"].unique(maintain_order=True).to_list() if g is not None]
+    if groups is None:
+        return named_groups(have)
+    missing = [g for g in groups if g not in have]
+    if missing:
+        raise InputError(f"the {what} table has no group(s) {missing}; it has {have}")
+    return list(groups)

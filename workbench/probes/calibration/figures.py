@@ -14,21 +14,11 @@ import polars as pl
 from plotly.subplots import make_subplots
 
 from workbench.errors import InputError
-from workbench.figures import Section, color, named_groups, nearest_step, with_slider
+from workbench.figures import Section, color, nearest_step, pick_groups, with_slider
 
 METRIC_LABELS = {"ece": "ECE", "mce": "MCE", "brier": "Brier score", "nll": "NLL (nats)", "auroc": "AUROC",
                  "auprc": "AUPRC", "accuracy": "accuracy", "confidence": "mean confidence",
                  "overconfidence": "confidence − accuracy", "ece_quantile": "ECE (equal-mass bins)"}
-
-
-def _groups(table: pl.DataFrame, groups: Sequence[str] | None) -> list[str]:
-    present = table["group"].unique(maintain_order=True).to_list()
-    if groups is None:
-        return named_groups(present)
-    missing = [g for g in groups if g not in present]
-    if missing:
-        raise InputError(f"the calibration table has no group {missing[0]!r}; it has {present}")
-    return list(groups)
 
 
 def _check(table: pl.DataFrame) -> None:
@@ -103,7 +93,7 @@ def reliability_diagram(table: pl.DataFrame, step: int | None = None, groups: Se
     confidence (diamonds) and the diagonal; bars below the diagonal are over-confident bins."""
     _check(table)
     step = nearest_step(table["step"].unique().to_list(), step)
-    groups = _groups(table, groups)
+    groups = pick_groups(table, groups, "calibration")
     fig = go.Figure()
     summary = _add_reliability(fig, table, step, groups)
     fig.update_xaxes(title_text="confidence", range=[0, 1])
@@ -148,7 +138,7 @@ def calibration_over_steps(table: pl.DataFrame, metrics: Sequence[str] = ("ece",
     """Each metric over checkpoints, one line per group (shaded: the bootstrap interval where measured),
     with a dotted line at ``step``."""
     _check(table)
-    groups = _groups(table, groups)
+    groups = pick_groups(table, groups, "calibration")
     known = set(table["metric"].unique().to_list())
     for m in metrics:
         if m not in known:
@@ -177,7 +167,7 @@ def calibration_at_step(table: pl.DataFrame, step: int | None = None, groups: Se
     step marked). Same traces at every step, for :func:`workbench.figures.with_slider`."""
     _check(table)
     step = nearest_step(table["step"].unique().to_list(), step)
-    groups = _groups(table, groups)
+    groups = pick_groups(table, groups, "calibration")
     fig = make_subplots(rows=2, cols=2, column_widths=[0.5, 0.5], specs=[[{"rowspan": 2}, {}], [None, {}]],
                         horizontal_spacing=0.1, vertical_spacing=0.14,
                         subplot_titles=("reliability diagram", "ECE", "AUROC"))

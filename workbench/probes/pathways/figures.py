@@ -18,22 +18,12 @@ import polars as pl
 from plotly.subplots import make_subplots
 
 from workbench.errors import InputError
-from workbench.figures import PALETTE, Section, color, named_groups, nearest_step, with_slider
+from workbench.figures import PALETTE, Section, color, nearest_step, pick_groups, with_slider
 from workbench.samples import OVERALL
 
 
 def _means(table: pl.DataFrame) -> pl.DataFrame:
     return table.filter(pl.col("sample_id").is_null() & pl.col("step").is_not_null())
-
-
-def _groups(means: pl.DataFrame, groups) -> list[str]:
-    have = [g for g in means["group"].unique(maintain_order=True).to_list() if g is not None]
-    if groups is None:
-        return named_groups(have)
-    missing = [g for g in groups if g not in have]
-    if missing:
-        raise InputError(f"the pathways table has no group(s) {missing}; it has {have}")
-    return list(groups)
 
 
 def _x(steps, log_x: bool):
@@ -45,7 +35,7 @@ def pathway_curves(table: pl.DataFrame, step: int | None = None, groups=None, lo
     """Three panels over steps: mean pathway distance, ``consistency`` (or ``consistency_raw``: group mean
     solid, median dashed) and accuracy, one line per group; a dotted line at ``step``."""
     means = _means(table).filter(pl.col("layer").is_null()).sort("step")
-    groups = _groups(means, groups)
+    groups = pick_groups(means, groups, "pathways")
     titles = ("pathway distance", f"{consistency.replace('_', ' ')} (mean, median dashed)", "accuracy")
     fig = make_subplots(rows=1, cols=3, subplot_titles=titles, horizontal_spacing=0.08)
     panels = [(1, "distance", "solid"), (2, consistency, "solid"), (2, f"{consistency}_median", "dash"),
