@@ -96,7 +96,7 @@ def test_measure_and_report_user_checkpoints_with_a_samples_file(tmp_path, capsy
     from workbench import Run
     from workbench.cli import main
 
-    ckpts = save_series("olmoe", tmp_path / "ckpts", steps=(0, 10, 100))
+    ckpts = save_series("olmoe", tmp_path / "ckpts", steps=(0, 100))
     tok = _word_tokenizer()
     tok.save_pretrained(ckpts / "step_0")  # the first checkpoint's folder holds the tokenizer
     texts = [f"on a mat sat the {a} {c}" for a in ("cat", "dog", "sky", "grass") for c in ("red", "blue", "green")]
@@ -111,8 +111,8 @@ def test_measure_and_report_user_checkpoints_with_a_samples_file(tmp_path, capsy
     # the stored losses are the model's own: a text scores every next token, a prompt only its completion
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(ckpts / "step_10").eval()
-    basic = run.store.table("basic").filter((pl.col("step") == 10) & (pl.col("metric") == "loss"))
+    model = AutoModelForCausalLM.from_pretrained(ckpts / "step_100").eval()
+    basic = run.store.table("basic").filter((pl.col("step") == 100) & (pl.col("metric") == "loss"))
     stored = dict(basic.drop_nulls("sample_id").select("sample_id", "value").iter_rows())
     with torch.no_grad():
         ids = torch.tensor([tok(texts[1])["input_ids"]])

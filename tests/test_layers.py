@@ -7,6 +7,7 @@ fails here with the modules named, before it can hide inside a function.
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 import pytest
@@ -51,8 +52,13 @@ def _resolve(name: str) -> str:
     return name if name in MODULES else name.rpartition(".")[0]
 
 
-def _imports(path: Path):
+@functools.cache
+def _imports(path: Path) -> list[tuple[str, int, bool, list[str]]]:
     """(imported module, line, inside a function, names) for every import statement of a file."""
+    return list(_read_imports(path))
+
+
+def _read_imports(path: Path):
     tree = ast.parse(path.read_text())
     inside = set()
     for node in ast.walk(tree):
