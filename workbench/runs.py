@@ -35,6 +35,7 @@ from workbench.errors import (
     UnknownArchitectureError,
     UnsafeCheckpointError,
 )
+from workbench.models import adapter_for
 from workbench.models.toy import ToyConfig, ToyMoETransformer
 from workbench.samples import SampleSet
 from workbench.store import Store
@@ -427,3 +428,28 @@ def _check_same_architecture(folders: Sequence[Path]) -> None:
                 f"checkpoints {seen[0].name} and {f.name} are of different architectures ({diff}); a run is "
                 "one model's checkpoints: split them into separate runs"
             )
+
+
+def count_blocks(run: Run) -> int:
+    """The number of blocks of a run's model, from its config when it says, else by loading one checkpoint."""
+    n = (run.info.get("model") or {}).get("n_layers")
+    if n:
+        return int(n)
+    first = run.checkpoints[0]
+    if first.kind in ("hf", "hub"):
+        try:
+            # transformers takes seconds to import: only for runs of its checkpoints
+            from transformers import AutoConfig
+
+            cfg = AutoConfig.from_pretrained(first.source, revision=first.revision)
+            n = getattr(cfg.get_text_config(), "num_hidden_layers", None)
+            if n:
+                return int(n)
+        except (OSError, ValueError):
+            pass  # fall back to loading the model
+    model = first.load()
+    try:
+        return len(adapter_for(model).blocks(model))
+    finally:
+        del model
+        release()

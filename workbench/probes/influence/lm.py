@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from workbench.errors import InputError
-from workbench.probes.influence.tasks import sample_labels
+from workbench.gradients.tasks import sample_labels
 from workbench.samples import IGNORE, SampleSet
 
 
