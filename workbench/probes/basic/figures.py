@@ -3,13 +3,11 @@ section."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import plotly.graph_objects as go
 import polars as pl
 from plotly.subplots import make_subplots
 
-from workbench.figures import color, with_slider
+from workbench.figures import ALL_STEPS, color, step_axis, step_line, step_x, value_at, with_slider
 from workbench.report import Section
 from workbench.store import Store
 
@@ -19,31 +17,41 @@ def _means(basic: pl.DataFrame, metric: str) -> pl.DataFrame:
 
 
 def training_curves(basic: pl.DataFrame, step: int | None = None, log_x: bool = True) -> go.Figure:
-    """Accuracy and loss per group over steps, with a marker line at ``step``."""
+    """Accuracy and loss per group over steps. With ``step``: a dotted line there, each curve's value at that
+    step as a larger point, and the values in the title (so a slider frame changes data, not just a line)."""
     fig = make_subplots(rows=1, cols=2, subplot_titles=("accuracy", "loss"), horizontal_spacing=0.12)
+    all_steps = sorted(basic["step"].unique().to_list())
+    at_step = []
     for col, metric in ((1, "accuracy"), (2, "loss")):
         df = _means(basic, metric)
         for i, group in enumerate(g for g in df["group"].unique(maintain_order=True).to_list() if g != "all"):
             d = df.filter(pl.col("group") == group)
-            x = [max(s, 1) for s in d["step"].to_list()] if log_x else d["step"].to_list()
+            steps, values = d["step"].to_list(), d["value"].to_list()
             fig.add_trace(
                 go.Scatter(
-                    x=x, y=d["value"].to_list(), mode="lines+markers", name=group, legendgroup=group,
-                    showlegend=col == 1, line=dict(color=color(group, i)), marker=dict(size=4),
+                    x=step_x(steps, log_x, all_steps), y=values, mode="lines+markers", name=group,
+                    legendgroup=group, showlegend=col == 1, line=dict(color=color(group, i)), marker=dict(size=4),
                 ),
                 row=1, col=col,
             )
+            if step is not None:
+                v = value_at(steps, values, step)
+                fig.add_trace(go.Scatter(x=step_x([step], log_x, all_steps), y=[v], mode="markers",
+                                         legendgroup=group, showlegend=False, hoverinfo="skip",
+                                         marker=dict(size=10, color=color(group, i), line=dict(color="black", width=1))),
+                              row=1, col=col)
+                if v is not None:
+                    at_step.append(f"{group} {metric} {v:.3f}" if metric == "accuracy" else f"{group} loss {v:.2f}")
     if step is not None:
-        _step_marker(fig, max(step, 1) if log_x else step, cols=(1, 2))
-    fig.update_xaxes(title_text="step", type="log" if log_x else "linear")
+        for col in (1, 2):
+            step_line(fig, step, all_steps, log_x, row=1, col=col)
+    for col in (1, 2):
+        step_axis(fig, all_steps, log_x, row=1, col=col)
     fig.update_yaxes(range=[-0.02, 1.02], row=1, col=1)
-    fig.update_layout(height=340, margin=dict(t=40, b=40, l=50, r=20), legend=dict(orientation="h", y=-0.2))
+    title = f"step {step}: " + ", ".join(at_step) if step is not None else f"accuracy and loss, {ALL_STEPS}"
+    fig.update_layout(height=360, margin=dict(t=60, b=40, l=50, r=20), legend=dict(orientation="h", y=-0.2),
+                      title=dict(text=title, x=0.01, font=dict(size=13)))
     return fig
-
-
-def _step_marker(fig: go.Figure, x: float, cols: Sequence[int] = (1,), row: int = 1) -> None:
-    for col in cols:
-        fig.add_vline(x=x, line=dict(color="black", dash="dot", width=1), row=row, col=col)
 
 
 def training_section(store: Store, run=None) -> Section | None:

@@ -20,7 +20,7 @@ import polars as pl
 from plotly.subplots import make_subplots
 
 from workbench.errors import InputError
-from workbench.figures import PALETTE, nearest_step
+from workbench.figures import PALETTE, nearest_step, value_at
 
 
 def _check(table: pl.DataFrame, group: str | None) -> str:
@@ -87,10 +87,21 @@ def probe_overview(table: pl.DataFrame, group: str | None = None, step: int | No
                   line=dict(color="white", width=2))
     fig.add_shape(type="line", x0=i, x1=i, y0=0, y1=1, xref="x2", yref="y2 domain",
                   line=dict(color="black", dash="dot", width=1))
+    m_at = value_at(model["step"].to_list(), model["value"].to_list(), step)
+    b_at = value_at(best["step"].to_list(), best["value"].to_list(), step)
+    fig.add_trace(go.Scatter(x=[str(step), str(step)], y=[m_at, b_at], mode="markers", showlegend=False,
+                             hoverinfo="skip", marker=dict(size=10, color=["#d62728", "#1f77b4"],
+                                                           line=dict(color="black", width=1))), row=1, col=2)
+    at = acc.filter(pl.col("step") == step).sort("value", descending=True)
+    parts = [f"model accuracy {m_at:.2f}" if m_at is not None else ""]
+    if not at.is_empty():
+        parts.append(f"best probe {at['value'][0]:.2f} (block {at['layer'][0]})")
+    task = f"task {group}, " if group != "all" else ""
     fig.update_xaxes(title_text="checkpoint step", type="category")
     fig.update_yaxes(range=[-0.02, 1.02], row=1, col=2)
-    fig.update_layout(height=360, margin=dict(t=50, b=50, l=50, r=20), legend=dict(orientation="h", y=-0.25, x=0.6),
-                      title=dict(text=f"{group}: step {step}", x=0.01, y=0.99))
+    fig.update_layout(height=380, margin=dict(t=60, b=50, l=50, r=20), legend=dict(orientation="h", y=-0.25, x=0.6),
+                      title=dict(text=f"linear probes, {task}step {step}: " + ", ".join(p for p in parts if p),
+                                 x=0.01, y=0.98))
     return fig
 
 
@@ -190,7 +201,7 @@ def report_section(store, run=None):
     have = store.probes()
     if "probes" not in have and "forgetting" not in have:
         return None
-    sec = Section("Linear probes and forgetting")
+    sec = Section("Linear probes and forgetting" if "forgetting" in have else "Linear probes")
     if "forgetting" in have:
         opts = store.options("forgetting") or {}
         task = opts.get("task")
