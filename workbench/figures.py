@@ -17,6 +17,7 @@ Conventions every builder follows, so that a figure never misleads about the che
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Sequence
 
 import plotly.graph_objects as go
@@ -90,6 +91,14 @@ def value_at(steps: Sequence[int], values: Sequence, step: int):
     return None
 
 
+def _axis_ranges(fig: go.Figure) -> dict:
+    """The axes with a fixed range, for a frame to carry: plotly's animate keeps the axis ranges it drew first
+    and does not autorange again, so a builder whose scale changes from step to step fixes its range per step
+    (as :func:`~workbench.probes.influence.figures.top_documents_figure` does)."""
+    return {name: {"range": axis["range"]} for name, axis in fig.layout.to_plotly_json().items()
+            if re.fullmatch(r"[xy]axis\d*", name) and axis.get("range") is not None}
+
+
 def with_slider(build: Callable[[int], go.Figure], steps: Sequence[int], label: str = "step",
                 active: int | None = None) -> go.Figure:
     """One figure with a frame per checkpoint and plotly's own slider, from a per-step builder.
@@ -108,7 +117,7 @@ def with_slider(build: Callable[[int], go.Figure], steps: Sequence[int], label: 
     active = len(steps) - 1 if active is None else active
     base = go.Figure(figs[active])
     base.frames = [go.Frame(data=f.data, layout=go.Layout(annotations=f.layout.annotations, shapes=f.layout.shapes,
-                                                          title=f.layout.title), name=str(s))
+                                                          title=f.layout.title, **_axis_ranges(f)), name=str(s))
                    for s, f in zip(steps, figs)]
     base.update_layout(
         sliders=[{

@@ -79,4 +79,11 @@ def _transition_text(history: list[dict]) -> str:
         parts.append(f"train accuracy first reached 0.99 at step {mem}, when test accuracy was {test_then:.2f}")
     if gen is not None:
         parts.append(f"test accuracy first reached 0.95 at step {gen}")
-    return ("Memorization then generalization: " + "; ".join(parts) + ".") if parts else ""
+    elif history:
+        parts.append(f"test accuracy had not reached 0.95 by the last checkpoint (step {history[-1]['step']}: "
+                     f"{history[-1].get('test_acc', float('nan')):.2f})")
+    if not parts:
+        return ""
+    text = "; ".join(parts) + "."
+    return ("Memorization then generalization: " + text) if mem is not None and gen is not None else \
+        text[0].upper() + text[1:]

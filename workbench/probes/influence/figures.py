@@ -96,7 +96,11 @@ def top_documents_figure(tables: dict, step: int | None = None, query_id: str | 
         hovertext=[f"{r['doc_id']} ({kd or ''})<br>{html.escape(_doc_text(r, 200))}<br>score {r['value']:.4g}"
                    for kd, r in zip(kinds, rows)], hoverinfo="text"))
     fig.update_yaxes(autorange="reversed", automargin=True)
-    fig.update_xaxes(title_text="influence score", zeroline=True, zerolinecolor="#444")
+    # A fixed range: scores differ by orders of magnitude between checkpoints, and a slider keeps ranges fixed.
+    values = [r["value"] for r in rows]
+    lo, hi = min(min(values), 0.0), max(max(values), 0.0)
+    pad = 0.05 * ((hi - lo) or 1.0)
+    fig.update_xaxes(title_text="influence score", zeroline=True, zerolinecolor="#444", range=[lo - pad, hi + pad])
     fig.update_layout(width=width, height=120 + 28 * len(rows), margin=dict(t=60, l=20, r=20, b=40),
                       title=dict(text=f"{q['query_id']}: {html.escape(query_label(q))}<br><sup>top and bottom "
                                       f"documents at step {step}"
@@ -133,7 +137,7 @@ def token_figure(tables: dict, step: int | None = None, query_id: str | None = N
         colorbar=dict(title="token<br>influence"),
         hovertemplate="token %{text} (position %{x})<br>contribution %{z:.4g}<extra></extra>"))
     fig.update_yaxes(autorange="reversed", automargin=True)
-    fig.update_xaxes(title_text="token position", showgrid=False)
+    fig.update_xaxes(title_text="token position", showgrid=False, dtick=1)
     fig.update_layout(width=width, height=110 + 30 * len(rows), margin=dict(t=50, l=20, r=20, b=40),
                       title=dict(text=f"per-token influence on {q['query_id']} at step {step}", x=0.01))
     return fig
