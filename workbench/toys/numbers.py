@@ -339,7 +339,8 @@ def _parse(text: str) -> float | None:
 
 
 def _matches(quoted_text: str, number: Number) -> bool:
-    if quoted_text == number.text:
+    quoted_text = " ".join(quoted_text.split())  # a span may be wrapped over lines
+    if quoted_text == " ".join(number.text.split()):
         return True
     m = RANGE.match(quoted_text.replace("−", "-"))
     value = number.value if number.value is not None else _parse(number.text)
