@@ -9,6 +9,7 @@ LAB_STAMP := $(VENV)/.lab-installed
 # JupyterLab refuses to start as root unless told to.
 ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root)
 LAB_ARGS ?=
+LAB_DIR ?= notebooks
 
 .PHONY: demo test test-fast bench report numbers lab browser clean-runs
 
@@ -33,7 +34,7 @@ demo: $(STAMP)
 	$(VENV)/bin/workbench demo
 
 lab: $(LAB_STAMP)
-	$(VENV)/bin/jupyter lab --notebook-dir=notebooks $(ROOT_FLAG) $(LAB_ARGS)
+	$(VENV)/bin/jupyter lab --notebook-dir=$(LAB_DIR) $(ROOT_FLAG) $(LAB_ARGS)
 
 # The browser test (tests/test_browser.py) drives Debian's Chromium headless: install it where it is missing and
 # apt-get can (root); elsewhere the test skips and says why.
