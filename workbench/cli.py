@@ -169,7 +169,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings on one line of their own, above the progress bars (the default also prints the source line,
+    which lands in the middle of a bar)."""
+    from tqdm import tqdm
+
+    tqdm.write(f"warning: {category.__name__}: {message}", file=file or sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    warnings.showwarning = _show_warning
     args = build_parser().parse_args(argv)
     try:
         args.func(args)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import html
 import importlib
 import os
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -129,7 +130,7 @@ def _light_outputs(nb) -> int:
     note saying it needs a live kernel. Returns the number of figures."""
     import plotly.io as pio
 
-    n_figures = 0
+    n_figures, drop = 0, []
     for cell in nb.cells:
         for out in cell.get("outputs", []):
             data = out.get("data") or {}
@@ -140,10 +141,17 @@ def _light_outputs(nb) -> int:
                 out["data"] = {"text/html": div}
                 n_figures += 1
             elif WIDGET_MIME in data:
-                name = str(data.get("text/plain", "")).split("(", 1)[0].strip() or "an interactive view"
-                out["data"] = {"text/html": f"<p><i>{html.escape(name)}: an interactive view, shown in JupyterLab "
-                                            "with a live kernel (<code>make lab</code>); the figures above are the "
-                                            "same, with their own sliders.</i></p>"}
+                # A view's text form is its class's repr, "PathwayView(children=..."; a progress bar's is its
+                # text at display time ("  0%| ..."), stale by the end: dropped.
+                name = re.match(r"(\w+)\(", str(data.get("text/plain", "")))
+                if name is None:
+                    drop.append((cell, out))
+                    continue
+                out["data"] = {"text/html": f"<p><i>{html.escape(name[1])}: an interactive view, shown in "
+                                            "JupyterLab with a live kernel (<code>make lab</code>); the figures "
+                                            "above are the same, with their own sliders.</i></p>"}
+    for cell, out in drop:
+        cell.outputs.remove(out)
     nb.metadata.pop("widgets", None)  # the widget state: megabytes that no report shows
     return n_figures
 
