@@ -48,8 +48,8 @@ class CheckpointView(W.VBox):
 
     Each panel is an ``ipywidgets.Output`` whose one output is the figure's plotly JSON, and ``figures[name]``
     is the figure it shows. All the state of the view lives in the kernel's widget models (the slider's index,
-    the panels' outputs), so a browser reload redraws the same step everywhere; a plotly ``FigureWidget``
-    would not (it reloads with stale data and ships 5 MB of JavaScript per panel).
+    the panels' outputs), so a browser reload redraws the same step everywhere; plotly's ``FigureWidget`` did
+    not (it came back with stale panels) and carries its 5 MB JavaScript bundle in every panel's state.
     """
 
     def __init__(self, steps: Sequence[int], panels: dict[str, Callable[[int], go.Figure]],
