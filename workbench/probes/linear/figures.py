@@ -59,8 +59,8 @@ def probe_overview(table: pl.DataFrame, group: str | None = None, step: int | No
     step = nearest_step(steps, step)
     z = _grid(d, group, metric, steps, layers)
     extra = [m for m in ("selectivity", "control_accuracy", "train_accuracy") if m in d["metric"].unique().to_list()]
-    custom = [[[(_grid(d, group, m, steps, layers)[i][j]) for m in extra] for j in range(len(steps))]
-              for i in range(len(layers))]
+    grids = [_grid(d, group, m, steps, layers) for m in extra]
+    custom = [[[g[i][j] for g in grids] for j in range(len(steps))] for i in range(len(layers))]
     hover = "step %{x}<br>layer %{y}<br>" + metric.replace("_", " ") + " %{z:.3f}"
     for k, m in enumerate(extra):
         hover += f"<br>{m.replace('_', ' ')} %{{customdata[{k}]:.3f}}"

@@ -126,7 +126,8 @@ def pathway_figure(table: pl.DataFrame, sample_id: str | None = None, step: int 
     step = nearest_step(steps, step)
     by_step = dict(mine.select("step", "pathway").iter_rows())
     layer_ids = sorted(table.filter(pl.col("layer").is_not_null())["layer"].unique().to_list())
-    n_exp = 1 + max(e for t in rows["pathway"].unique().to_list() for layer in _parse(t) for e in layer)
+    # the largest expert id in any pathway, in one polars pass (parsing every pathway string is slow)
+    n_exp = 1 + int(rows["pathway"].str.extract_all(r"\d+").explode().cast(pl.Int64).max())
     fig = go.Figure()
     for which, s, style in (("last", steps[-1], dict(color="#bbbbbb")), ("now", step, dict(color="#1f77b4"))):
         path = _parse(by_step[s])
