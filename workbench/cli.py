@@ -34,29 +34,38 @@ def _open_run(path: str):
     return Run.from_folder(path)
 
 
+def measure_demo(run, device: str | None = None, overwrite: bool = False, timings: dict | None = None):
+    """Measure a built-in grokking run with everything the demo shows (resumable: what is in the store already
+    is kept). ``timings`` receives the seconds of each phase."""
+    import time
+
+    from workbench.measure import measure
+    from workbench.toys.influence import grokking_influence
+
+    timings = {} if timings is None else timings
+    t = time.perf_counter()
+    measure(run, [make_measurement(n) for n in DEMO_MEASUREMENTS], device=device, overwrite=overwrite)
+    timings["measure"] = time.perf_counter() - t
+    # Influence of the training pairs on held-out answers at the run's phases.
+    t = time.perf_counter()
+    grokking_influence(run, device=device, overwrite=overwrite)
+    timings["influence"] = time.perf_counter() - t
+    return run
+
+
 def measured_demo_run(quick: bool | None = None, retrain: bool = False, device: str | None = None,
                       timings: dict | None = None):
-    """The built-in run, trained if needed and measured with everything the demo shows (resumable: what is in
-    the store already is kept). ``timings`` receives the seconds of each phase."""
+    """The built-in run, trained if needed, measured by :func:`measure_demo`."""
     import time
 
     from workbench import toys
-    from workbench.measure import measure
-    from workbench.toys.influence import grokking_influence
 
     timings = {} if timings is None else timings
     t = time.perf_counter()
     run = toys.ensure_run(quick=quick, retrain=retrain)
     timings["train"] = time.perf_counter() - t
     print(f"run: {run.root} ({len(run)} checkpoints)", flush=True)
-    t = time.perf_counter()
-    measure(run, [make_measurement(n) for n in DEMO_MEASUREMENTS], device=device, overwrite=retrain)
-    timings["measure"] = time.perf_counter() - t
-    # Influence of the training pairs on held-out answers at the run's phases.
-    t = time.perf_counter()
-    grokking_influence(run, device=device, overwrite=retrain)
-    timings["influence"] = time.perf_counter() - t
-    return run
+    return measure_demo(run, device, retrain, timings)
 
 
 def cmd_demo(args) -> Path:
@@ -81,7 +90,7 @@ def cmd_numbers(args) -> None:
 
     from workbench.toys import numbers as N
 
-    runs = [_open_run(r) for r in args.run] if args.run else [measured_demo_run(args.quick or None)]
+    runs = [measure_demo(_open_run(r)) for r in args.run] if args.run else [measured_demo_run(args.quick or None)]
     nums = N.combine([N.grokking_numbers(r) for r in runs])
     if args.json:
         Path(args.json).write_text(json.dumps(N.as_json(nums), indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
@@ -154,8 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=cmd_measure)
 
     n = sub.add_parser("numbers", help="the built-in run's quoted numbers, from its store; rewrite or check a README")
-    n.add_argument("run", nargs="*", help="measured run folders (default: the built-in run, measured if needed); "
-                                          "several: each number becomes the range over them")
+    n.add_argument("run", nargs="*", help="built-in run folders, e.g. other seeds (default: the built-in run); each "
+                                          "is measured as the demo measures it if needed; several: each number "
+                                          "becomes the range over them")
     n.add_argument("--quick", action="store_true", help="the short test run instead of the full one")
     n.add_argument("--write", action="append", metavar="FILE", help="rewrite the marked numbers of FILE (repeatable)")
     n.add_argument("--check", action="append", metavar="FILE", help="fail if FILE quotes other numbers (repeatable)")
