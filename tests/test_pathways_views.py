@@ -60,7 +60,7 @@ def test_since_curves_correlations_and_report_section(store):
     assert {t.name.split(" ")[0] for t in fig.data if t.showlegend is not False} == groups
     corr = F.correlation_table(final)
     assert set(corr.columns) == {"group", "of", "window", "pearson", "spearman"} and corr.height == 3 * 5 * 2
-    sec = F.report_section(store)
+    sec = RoutingPathways.section(store)
     assert sec.title == "Routing pathways" and sum(isinstance(i, go.Figure) for i in sec.items) >= 3
 
 

@@ -29,7 +29,7 @@ class CaptureSpec:
     """What one capture pass collects.
 
     routing: router softmax per MoE layer, averaged over each sample's tokens.
-    routing_weights: ``"softmax"`` (all experts, SPEC default) or ``"topk"`` (the model's own top-k
+    routing_weights: ``"softmax"`` (all experts, the default) or ``"topk"`` (the model's own top-k
         weights after its renormalization, zero elsewhere).
     expert_load: also the fraction of each sample's tokens that select each expert (top-k choices).
     hidden_layers: block indices whose output hidden state to keep (negative counts from the end).

@@ -1,9 +1,10 @@
-"""Plotly figure builders: store tables in, figures out.
+"""What every family's figures share: colors, the nearest stored step, a slider over checkpoints, a report section.
 
-Each builder is a plain function of polars tables (as :meth:`workbench.Store.table` returns them) and a few
-options. Builders that show one checkpoint take ``step``; :func:`with_slider` turns such a builder into one
-figure with a frame per checkpoint and plotly's own slider, which is what reports use (they stay interactive
-without a kernel). Each probe family keeps its own builders in ``workbench/probes/<family>/figures.py``.
+Figure builders are plain functions of polars tables (as :meth:`workbench.Store.table` returns them) and a
+few options; each probe family keeps its own in ``workbench/probes/<family>/figures.py``. Builders that show
+one checkpoint take ``step``; :func:`with_slider` turns such a builder into one figure with a frame per
+checkpoint and plotly's own slider, which is what reports use (they stay interactive without a kernel). A
+:class:`Section` is a family's part of the run report (:meth:`workbench.Measurement.section`).
 
 Conventions every builder follows, so that a figure never misleads about the checkpoint axis:
 
@@ -19,12 +20,15 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import plotly.graph_objects as go
+import polars as pl
 
 from workbench.errors import InputError
+from workbench.samples import OVERALL
 
-GROUP_COLORS = {"train": "#1f77b4", "test": "#d62728", "all": "#7f7f7f"}
+GROUP_COLORS = {"train": "#1f77b4", "test": "#d62728", OVERALL: "#7f7f7f"}
 PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
 #: Appended to the title of a figure that does not follow the slider.
 ALL_STEPS = "all checkpoints"
@@ -131,3 +135,33 @@ def with_slider(build: Callable[[int], go.Figure], steps: Sequence[int], label: 
         height=(base.layout.height or 400) + 90,
     )
     return base
+
+
+@dataclass
+class Section:
+    """A titled part of a report: text paragraphs and figures, in order."""
+
+    title: str
+    items: list = field(default_factory=list)  # str (a paragraph of plain text) or go.Figure
+
+    def add(self, item) -> "Section":
+        self.items.append(item)
+        return self
+
+
+def named_groups(groups: Sequence[str]) -> list[str]:
+    """The sample groups of a table's ``group`` values, without the overall group (unless it is the only one)."""
+    named = [g for g in groups if g is not None and g != OVERALL]
+    return named or [g for g in groups if g is not None]
+
+
+def pick_groups(table: pl.DataFrame, groups: Sequence[str] | None, what: str) -> list[str]:
+    """``groups`` after checking that the ``what`` table holds each; by default its sample groups
+    (:func:`named_groups`)."""
+    have = [g for g in table["group"].unique(maintain_order=True).to_list() if g is not None]
+    if groups is None:
+        return named_groups(have)
+    missing = [g for g in groups if g not in have]
+    if missing:
+        raise InputError(f"the {what} table has no group(s) {missing}; it has {have}")
+    return list(groups)

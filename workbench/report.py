@@ -2,26 +2,31 @@
 
 Two kinds:
 - :func:`run_report` builds a report of a run straight from its store: plotly figures with their own
-  sliders and frames, plotly.js inlined once. Each probe family contributes a section through
-  :data:`SECTIONS` (dotted paths, imported on use, so a family that is not measured costs nothing).
+  sliders and frames, plotly.js inlined once. Each registered measurement contributes its section
+  (:meth:`workbench.Measurement.section`), in the order of the registry.
 - :func:`render_notebook` executes a notebook and converts it to one light HTML file: figures kept as plotly
   JSON and drawn by plotly.js inlined once, no widget state (a view needs a live kernel; its output becomes a
-  one-line note), and nothing loaded from the network (no require.js, MathJax or widget manager from a CDN).
+  one-line note, progress bars are dropped), and nothing loaded from the network (no require.js, MathJax or
+  widget manager from a CDN).
 """
 
 from __future__ import annotations
 
 import html
-import importlib
 import os
 import re
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import plotly.graph_objects as go
+import plotly.io as pio
+from plotly.offline import get_plotlyjs
 
 from workbench.errors import DependencyError, InputError
+from workbench.figures import Section
+from workbench.measure import registry
+from workbench.runs import Run
 from workbench.store import Store
 
 #: The kernel's plotly renderer while a report executes: figures come back as JSON, drawn once by the report.
@@ -41,38 +46,17 @@ _REPORT_TEMPLATE = """{%- extends 'lab/index.html.j2' -%}
 """
 
 
-@dataclass
-class Section:
-    """A titled part of a report: text paragraphs and figures, in order."""
-
-    title: str
-    items: list = field(default_factory=list)  # str (a paragraph of plain text) or go.Figure
-
-    def add(self, item) -> "Section":
-        self.items.append(item)
-        return self
-
-
-#: Section builders ``f(store, run) -> Section | None``, as "module:function"; None means "nothing to show".
-SECTIONS: list[str] = [
-    "workbench.probes.basic.figures:training_section",
-    "workbench.probes.routing.figures:routing_section",
-    "workbench.probes.pathways.figures:report_section",
-    "workbench.probes.calibration.figures:report_section",
-    "workbench.probes.linear.figures:report_section",
-    "workbench.probes.influence.figures:report_section",
-]
-
-
-def _load(dotted: str) -> Callable:
-    mod, _, fn = dotted.partition(":")
-    return getattr(importlib.import_module(mod), fn)
-
-
-def build_sections(store: Store, run=None, sections: Sequence[str] | None = None) -> list[Section]:
+def build_sections(store: Store, run: Run | None = None, sections: Sequence[str] | None = None) -> list[Section]:
+    """The sections of the measurements in ``sections`` (registered names; default: every registered one, in
+    report order) that have something to show."""
+    known = registry()
+    names = list(known) if sections is None else list(sections)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise InputError(f"unknown measurement(s) {unknown}; known: {', '.join(known)}")
     out = []
-    for dotted in sections or SECTIONS:
-        sec = _load(dotted)(store, run)
+    for name in names:
+        sec = known[name].section(store, run)
         if sec is not None:
             out.append(sec)
     return out
@@ -109,8 +93,9 @@ def write_html(path: str | os.PathLike, title: str, sections: Sequence[Section],
     return path
 
 
-def run_report(run, path: str | os.PathLike | None = None, sections: Sequence[str] | None = None) -> Path:
-    """The report of a run's store, at ``path`` (default: ``report.html`` in the run's folder)."""
+def run_report(run: Run, path: str | os.PathLike | None = None, sections: Sequence[str] | None = None) -> Path:
+    """The report of a run's store, at ``path`` (default: ``report.html`` in the run's folder); ``sections``:
+    the measurements to show (default: all that were measured)."""
     store = run.store
     secs = build_sections(store, run, sections)
     if not secs:
@@ -128,8 +113,6 @@ def _light_outputs(nb) -> int:
     """Turn the executed notebook's outputs into what a light offline report needs, in place: plotly JSON into
     a div and a ``Plotly.newPlot`` call (plotly.js itself comes once, in the page head), and a widget view into a
     note saying it needs a live kernel. Returns the number of figures."""
-    import plotly.io as pio
-
     n_figures, drop = 0, []
     for cell in nb.cells:
         for out in cell.get("outputs", []):
@@ -161,17 +144,14 @@ def render_notebook(
 ) -> Path:
     """Execute a notebook (in its own folder) and write it as one light, offline HTML file (see the module's
     description)."""
-    try:
+    try:  # the jupyter extra: optional, and seconds to import
         import nbformat
-        from jinja2 import DictLoader
         from nbclient import NotebookClient
         from nbconvert import HTMLExporter
     except ImportError as exc:
         raise DependencyError(
             "rendering notebooks needs the jupyter extra: pip install 'generalization-workbench[jupyter]'"
         ) from exc
-    from plotly.offline import get_plotlyjs
-
     nb_path = Path(notebook)
     if not nb_path.exists():
         raise InputError(f"no notebook at {nb_path}")
@@ -188,10 +168,11 @@ def render_notebook(
             else:
                 os.environ["PLOTLY_RENDERER"] = old
     _light_outputs(nb)
-    exporter = HTMLExporter(extra_loaders=[DictLoader({"workbench_report.html.j2": _REPORT_TEMPLATE})],
-                            template_file="workbench_report.html.j2", exclude_input_prompt=True,
-                            exclude_output_prompt=True)
-    body, _ = exporter.from_notebook_node(nb, resources={"plotly_js": get_plotlyjs()})
+    with tempfile.TemporaryDirectory() as templates:  # the template extends nbconvert's lab template
+        (Path(templates) / "workbench_report.html.j2").write_text(_REPORT_TEMPLATE, encoding="utf-8")
+        exporter = HTMLExporter(extra_template_basedirs=[templates], template_file="workbench_report.html.j2",
+                                exclude_input_prompt=True, exclude_output_prompt=True)
+        body, _ = exporter.from_notebook_node(nb, resources={"plotly_js": get_plotlyjs()})
     out = Path(out) if out is not None else nb_path.with_suffix(".html")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")

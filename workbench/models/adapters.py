@@ -18,7 +18,8 @@ from workbench.errors import NotMoEError, UnknownArchitectureError
 _LAYER_PATHS = ("model.layers", "gpt_neox.layers", "transformer.h", "model.decoder.layers", "layers")
 
 
-def _get(obj, dotted: str):
+def attribute_at(obj, dotted: str):
+    """``obj.a.b.c`` for ``dotted = "a.b.c"``, or None where a part is missing."""
     for part in dotted.split("."):
         obj = getattr(obj, part, None)
         if obj is None:
@@ -48,7 +49,7 @@ class Adapter:
     extra_router_classes: tuple[type, ...] = field(default=())
 
     def blocks(self, model: nn.Module) -> list[nn.Module]:
-        layers = _get(model, self.layers_path)
+        layers = attribute_at(model, self.layers_path)
         if layers is None:
             raise UnknownArchitectureError(
                 f"the {self.name} adapter expected decoder layers at '{self.layers_path}' but the model has "
@@ -57,21 +58,18 @@ class Adapter:
         return list(layers)
 
     def mlp(self, block: nn.Module) -> nn.Module:
-        return _get(block, self.mlp_name)
+        return attribute_at(block, self.mlp_name)
 
     def routers(self, model: nn.Module) -> list[tuple[int, nn.Module]]:
         """(block index, router module) for every MoE layer, in depth order."""
         out = []
         for i, block in enumerate(self.blocks(model)):
-            router = _get(block, self.router_name) if self.router_name else None
+            router = attribute_at(block, self.router_name) if self.router_name else None
             if router is None and self.extra_router_classes:
                 router = next((m for m in block.modules() if isinstance(m, self.extra_router_classes)), None)
             if router is not None:
                 out.append((i, router))
         return out
-
-    def is_moe(self, model: nn.Module) -> bool:
-        return bool(self.routers(model))
 
     def require_moe(self, model: nn.Module) -> list[tuple[int, nn.Module]]:
         routers = self.routers(model)
@@ -82,10 +80,6 @@ class Adapter:
                 "routing out of the capture (routing=False)"
             )
         return routers
-
-    def router_matrices(self, model: nn.Module) -> list[torch.Tensor]:
-        """Each MoE layer's router weight [experts, d_model], detached."""
-        return [router_weight(r).detach() for _, r in self.require_moe(model)]
 
     def mlp_linear_modules(self, model: nn.Module) -> list[str]:
         """Qualified names of the nn.Linear layers of every block's MLP (dense MLPs, shared experts)."""
@@ -129,7 +123,7 @@ def register_adapter(model_type: str, adapter: Adapter) -> None:
 
 
 def _generic(model: nn.Module) -> Adapter | None:
-    path = next((p for p in _LAYER_PATHS if isinstance(_get(model, p), nn.ModuleList)), None)
+    path = next((p for p in _LAYER_PATHS if isinstance(attribute_at(model, p), nn.ModuleList)), None)
     if path is None:
         return None
     router_classes: tuple[type, ...] = ()

@@ -26,6 +26,11 @@ from dataclasses import dataclass
 import polars as pl
 
 from workbench.errors import InputError
+from workbench.probes.calibration.measurement import scalar_table
+from workbench.probes.influence.findings import same_answer_share, score_matrix
+from workbench.probes.influence.measurement import influence_tables
+from workbench.probes.pathways.figures import correlation_table
+from workbench.stats import correlation
 
 #: The thresholds of the run's phases: memorized when train accuracy first reaches MEMORIZED, generalized when
 #: test accuracy first reaches GENERALIZED (the same as :func:`workbench.toys.influence.phase_steps`).
@@ -128,8 +133,6 @@ def _basic_numbers(run, ph: dict) -> dict[str, Number]:
 
 
 def _routing_numbers(store, ph: dict) -> dict[str, Number]:
-    from scipy.stats import pearsonr, spearmanr
-
     if "routing" not in store.probes() or ph["mem"] is None:
         return {}
     r = store.table("routing").filter((pl.col("metric") == "load_entropy") & (pl.col("group") == "all"))
@@ -145,8 +148,8 @@ def _routing_numbers(store, ph: dict) -> dict[str, Number]:
         "moe_layers": _step(len(layers)),
         "experts": _step(n_exp),
         "even_load_entropy": _num(math.log(n_exp), ".2f"),
-        "load_entropy_pearson": _text(_sign(float(pearsonr(ent, acc)[0]))),
-        "load_entropy_spearman": _text(_sign(float(spearmanr(ent, acc)[0]))),
+        "load_entropy_pearson": _text(_sign(correlation(ent, acc, "pearson")[0])),
+        "load_entropy_spearman": _text(_sign(correlation(ent, acc, "spearman")[0])),
         "load_entropy_layers": _text(per_layer),
     }
 
@@ -173,8 +176,6 @@ def _probe_numbers(store, ph: dict) -> dict[str, Number]:
 
 
 def _calibration_numbers(store, ph: dict) -> dict[str, Number]:
-    from workbench.probes.calibration.measurement import scalar_table
-
     if "calibration" not in store.probes():
         return {}
     wide = scalar_table(store.table("calibration"))
@@ -202,9 +203,6 @@ def _calibration_numbers(store, ph: dict) -> dict[str, Number]:
 
 
 def _influence_numbers(store, ph: dict) -> dict[str, Number]:
-    from workbench.probes.influence.findings import same_answer_share
-    from workbench.probes.influence.measurement import influence_tables, score_matrix
-
     if "influence" not in store.probes():
         return {}
     tables = influence_tables(store)
@@ -239,8 +237,6 @@ def _influence_numbers(store, ph: dict) -> dict[str, Number]:
 
 
 def _pathway_numbers(store, ph: dict) -> dict[str, Number]:
-    from workbench.probes.pathways.figures import correlation_table
-
     if "pathways" not in store.probes():
         return {}
     table = store.table("pathways", final=False)

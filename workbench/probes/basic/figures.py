@@ -1,5 +1,5 @@
 """Figures of the ``basic`` table: accuracy and loss per group over checkpoints, and the report's training
-section."""
+section (:meth:`LossAccuracy.section <workbench.probes.basic.LossAccuracy.section>`)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,8 @@ import plotly.graph_objects as go
 import polars as pl
 from plotly.subplots import make_subplots
 
-from workbench.figures import ALL_STEPS, color, step_axis, step_line, step_x, value_at, with_slider
-from workbench.report import Section
-from workbench.store import Store
+from workbench.figures import (ALL_STEPS, Section, color, named_groups, step_axis, step_line, step_x, value_at,
+                               with_slider)
 
 
 def _means(basic: pl.DataFrame, metric: str) -> pl.DataFrame:
@@ -24,7 +23,7 @@ def training_curves(basic: pl.DataFrame, step: int | None = None, log_x: bool = 
     at_step = []
     for col, metric in ((1, "accuracy"), (2, "loss")):
         df = _means(basic, metric)
-        for i, group in enumerate(g for g in df["group"].unique(maintain_order=True).to_list() if g != "all"):
+        for i, group in enumerate(named_groups(df["group"].unique(maintain_order=True).to_list())):
             d = df.filter(pl.col("group") == group)
             steps, values = d["step"].to_list(), d["value"].to_list()
             fig.add_trace(
@@ -54,18 +53,18 @@ def training_curves(basic: pl.DataFrame, step: int | None = None, log_x: bool = 
     return fig
 
 
-def training_section(store: Store, run=None) -> Section | None:
-    if "basic" not in store.probes():
-        return None
-    basic = store.table("basic")
+def report_section(basic: pl.DataFrame, history: list[dict] | None = None) -> Section:
+    """Accuracy at the last checkpoint, when the run memorized and generalized (from its training ``history``,
+    if it recorded one), and the training curves with a checkpoint slider."""
     steps = sorted(basic["step"].unique().to_list())
     sec = Section("Training and test accuracy")
     acc = basic.filter((basic["metric"] == "accuracy") & basic["sample_id"].is_null())
     last = acc.filter(acc["step"] == steps[-1])
-    summary = ", ".join(f"{g} {v:.3f}" for g, v in last.select("group", "value").iter_rows() if g != "all")
+    groups = named_groups(last["group"].to_list())
+    summary = ", ".join(f"{g} {v:.3f}" for g, v in last.select("group", "value").iter_rows() if g in groups)
     sec.add(f"{len(steps)} checkpoints from step {steps[0]} to {steps[-1]}. Accuracy at the last checkpoint: {summary}.")
-    if run is not None and run.info.get("history"):
-        sec.add(_transition_text(run.info["history"]))
+    if history:
+        sec.add(_transition_text(history))
     sec.add(with_slider(lambda s: training_curves(basic, step=s), steps))
     return sec
 
@@ -87,3 +86,4 @@ def _transition_text(history: list[dict]) -> str:
     text = "; ".join(parts) + "."
     return ("Memorization then generalization: " + text) if mem is not None and gen is not None else \
         text[0].upper() + text[1:]
+__all__ = ["report_section", "training_curves"]

@@ -14,22 +14,12 @@ import polars as pl
 from plotly.subplots import make_subplots
 
 from workbench.errors import InputError
-from workbench.figures import ALL_STEPS, color, nearest_step, rgba, step_axis, step_line, step_x, value_at
+from workbench.figures import (ALL_STEPS, Section, color, nearest_step, pick_groups, rgba, step_axis, step_line,
+                               step_x, value_at, with_slider)
 
 METRIC_LABELS = {"ece": "ECE", "mce": "MCE", "brier": "Brier score", "nll": "NLL (nats)", "auroc": "AUROC",
                  "auprc": "AUPRC", "accuracy": "accuracy", "confidence": "mean confidence",
                  "overconfidence": "confidence − accuracy", "ece_quantile": "ECE (equal-mass bins)"}
-
-
-def _groups(table: pl.DataFrame, groups: Sequence[str] | None) -> list[str]:
-    present = table["group"].unique(maintain_order=True).to_list()
-    if groups is None:
-        named = [g for g in present if g != "all"]
-        return named or present
-    missing = [g for g in groups if g not in present]
-    if missing:
-        raise InputError(f"the calibration table has no group {missing[0]!r}; it has {present}")
-    return list(groups)
 
 
 def _check(table: pl.DataFrame) -> None:
@@ -100,7 +90,7 @@ def reliability_diagram(table: pl.DataFrame, step: int | None = None, groups: Se
     confidence (diamonds) and the diagonal; bars below the diagonal are over-confident bins."""
     _check(table)
     step = nearest_step(table["step"].unique().to_list(), step)
-    groups = _groups(table, groups)
+    groups = pick_groups(table, groups, "calibration")
     fig = go.Figure()
     summary = _add_reliability(fig, table, step, groups)
     fig.update_xaxes(title_text="confidence", range=[0, 1])
@@ -171,7 +161,7 @@ def calibration_over_steps(table: pl.DataFrame, metrics: Sequence[str] = ("ece",
     """Each metric over all checkpoints, one line per group (shaded: the bootstrap interval where measured);
     with ``step``, a dotted line and each line's value there."""
     _check(table)
-    groups = _groups(table, groups)
+    groups = pick_groups(table, groups, "calibration")
     known = set(table["metric"].unique().to_list())
     for m in metrics:
         if m not in known:
@@ -202,7 +192,7 @@ def calibration_at_step(table: pl.DataFrame, step: int | None = None, groups: Se
     step marked). Same traces at every step, for :func:`workbench.figures.with_slider`."""
     _check(table)
     step = nearest_step(table["step"].unique().to_list(), step)
-    groups = _groups(table, groups)
+    groups = pick_groups(table, groups, "calibration")
     fig = make_subplots(rows=2, cols=2, column_widths=[0.5, 0.5], specs=[[{"rowspan": 2}, {}], [None, {}]],
                         horizontal_spacing=0.1, vertical_spacing=0.14,
                         subplot_titles=("reliability diagram", "ECE", "AUROC"))
@@ -222,18 +212,10 @@ def calibration_at_step(table: pl.DataFrame, step: int | None = None, groups: Se
 
 
 # --- report section --------------------------------------------------------------------------------------------
-def report_section(store, run=None):
-    """The demo report's calibration section (registered in :data:`workbench.report.SECTIONS`)."""
-    from workbench.probes.calibration.measurement import transition_summary
-    from workbench.report import Section
-
-    if "calibration" not in store.probes():
-        return None
-    table = store.table("calibration")
-    if table.is_empty():
-        return None
-    from workbench import figures
-
+def report_section(table: pl.DataFrame, summary: pl.DataFrame | None = None) -> Section:
+    """The report's calibration section: the test group at the run's landmarks (``summary``, from
+    :func:`~workbench.probes.calibration.measurement.transition_summary`), calibration and discrimination over
+    checkpoints, and the reliability diagram on a checkpoint slider."""
     steps = sorted(table["step"].unique().to_list())
     sec = Section("Calibration and discrimination")
     sec.add(
@@ -242,24 +224,18 @@ def report_section(store, run=None):
         "Discrimination: AUROC, the chance that a right answer gets higher confidence than a wrong one "
         "(0.5 is chance). Shaded bands are 95% bootstrap intervals."
     )
-    groups = table["group"].unique().to_list()
-    if "test" in groups:
-        try:
-            summ = transition_summary(table, group="test")
-        except InputError:
-            summ = None
-        if summ is not None:
-            parts = []
-            for r in summ.iter_rows(named=True):
-                auroc = r.get("test_auroc")
-                auroc_s = "undefined" if auroc is None or auroc != auroc else f"{auroc:.2f}"
-                parts.append(f"{r['landmark']} (step {r['step']}): test accuracy {r['test_accuracy']:.2f}, mean "
-                             f"confidence {r['test_confidence']:.2f}, ECE {r['test_ece']:.3f}, AUROC {auroc_s}")
-            sec.add("Held-out (test) answers at the landmarks of the run: " + "; ".join(parts) + ".")
+    if summary is not None:
+        parts = []
+        for r in summary.iter_rows(named=True):
+            auroc = r.get("test_auroc")
+            auroc_s = "undefined" if auroc is None or auroc != auroc else f"{auroc:.2f}"
+            parts.append(f"{r['landmark']} (step {r['step']}): test accuracy {r['test_accuracy']:.2f}, mean "
+                         f"confidence {r['test_confidence']:.2f}, ECE {r['test_ece']:.3f}, AUROC {auroc_s}")
+        sec.add("Held-out (test) answers at the landmarks of the run: " + "; ".join(parts) + ".")
     sec.add(calibration_over_steps(table, metrics=("ece", "auroc", "overconfidence")
                                    if "overconfidence" in table["metric"].unique().to_list() else ("ece", "auroc"),
                                    height=560))
-    sec.add(figures.with_slider(lambda s: calibration_at_step(table, step=s), steps))
+    sec.add(with_slider(lambda s: calibration_at_step(table, step=s), steps))
     return sec
 
 

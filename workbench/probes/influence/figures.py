@@ -16,7 +16,10 @@ import polars as pl
 from plotly.subplots import make_subplots
 
 from workbench.errors import InputError
-from workbench.figures import ALL_STEPS, color, nearest_step
+from workbench.figures import ALL_STEPS, Section, color, nearest_step, with_slider
+from workbench.probes.influence.analysis import cross_query_correlation
+from workbench.probes.influence.findings import query_types, same_answer_share, score_matrix
+from workbench.probes.influence.findings import summary as findings_summary
 
 #: Colors of document kinds (the built-in corpus) in bar charts.
 KIND_COLORS = {"factual": "#1f77b4", "procedural": "#d62728"}
@@ -169,10 +172,6 @@ def token_html(tables: dict, step: int, query_id: str, doc_id: str) -> str:
 def correlation_figure(tables: dict, step: int | None = None, width: int = 620) -> go.Figure:
     """Pearson correlation between queries' score vectors over all documents, queries grouped by type
     (factual, then each reasoning task), with lines between the types."""
-    from workbench.probes.influence.analysis import cross_query_correlation
-    from workbench.probes.influence.findings import query_types
-    from workbench.probes.influence.measurement import score_matrix
-
     step = nearest_step(_steps(tables), step)
     types = dict(query_types(tables["queries"]).iter_rows()) if tables.get("queries") is not None else {}
     ids = tables["scores"].filter(pl.col("step") == step)["query_id"].unique(maintain_order=True).to_list()
@@ -261,21 +260,13 @@ def _has_answers(tables: dict) -> bool:
     return docs is not None and queries is not None and "answer" in docs.columns and "answer" in queries.columns
 
 
-def report_section(store, run=None):
-    """The report's influence section, or None when the store has no influence table."""
-    from workbench.probes.influence.findings import summary as findings_summary
-    from workbench.probes.influence.measurement import influence_tables
-    from workbench.report import Section
-    from workbench.figures import with_slider
-
-    if "influence" not in store.probes():
-        return None
-    tables = influence_tables(store)
-    if tables["scores"].is_empty():
-        return None
+def report_section(tables: dict) -> Section:
+    """The report's influence section, from :func:`~workbench.probes.influence.measurement.influence_tables`:
+    the findings per query type (or the same-answer share) over checkpoints, the cross-query correlation on a
+    checkpoint slider, and one query's top documents and their tokens."""
     steps = _steps(tables)
     sec = Section("Influence of training documents")
-    sec.add("EK-FAC influence of every document on every query (SPEC.md section 2). Positive scores: up-weighting "
+    sec.add("EK-FAC influence of every document on every query (Grosse et al., arXiv 2308.03296). Positive scores: up-weighting "
             "the document raises the probability of the query's completion. Per-token colors show which tokens "
             "of a document carry its influence (the position that predicts the token).")
     if tables["queries"] is not None and "kind" in tables["queries"].columns:
@@ -293,8 +284,6 @@ def report_section(store, run=None):
         sec.add(f"At step {steps[-1]}: " + "; ".join(parts) + ".")
         sec.add(findings_figure(summ))
     elif _has_answers(tables):
-        from workbench.probes.influence.findings import same_answer_share
-
         share = same_answer_share(tables, 10)
         means = share.group_by("step").agg(pl.col("top", "chance").mean()).sort("step")
         trend = ", ".join(f"{t:.2f} at step {s}" for s, t in means.select("step", "top").iter_rows())
@@ -312,5 +301,5 @@ def report_section(store, run=None):
     return sec
 
 
-__all__ = ["correlation_figure", "findings_figure", "query_label", "ranked_documents", "report_section",
-           "rank_label", "same_answer_figure", "token_figure", "token_html", "top_documents_figure"]
+__all__ = ["correlation_figure", "findings_figure", "query_label", "rank_label", "ranked_documents",
+           "report_section", "same_answer_figure", "token_figure", "token_html", "top_documents_figure"]

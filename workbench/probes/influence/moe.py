@@ -36,7 +36,10 @@ from torch import nn
 
 from workbench.errors import InputError, UnknownArchitectureError
 from workbench.models import adapter_for
-from workbench.models.adapters import _get
+from workbench.models.adapters import attribute_at
+from workbench.models.toy import Experts as BuiltinExperts
+from workbench.probes.influence.lm import LMTask
+from workbench.probes.influence.tasks import to_device
 from workbench.probes.influence.tracking import Block, Recorder, TrackedLinear, TrackedModule
 
 
@@ -106,8 +109,6 @@ class ExpertLayout:
 
 def expert_layout(module: nn.Module) -> ExpertLayout | None:
     """The layout of an experts module, or None when it is not one the workbench knows."""
-    from workbench.models.toy import Experts as BuiltinExperts
-
     if isinstance(module, BuiltinExperts):
         return ExpertLayout("up_proj", "down_proj", "builtin")
     gu, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
@@ -335,7 +336,7 @@ class IdleExpertsWarning(UserWarning):
 
 
 def _router_of(adapter, block, mlp):
-    router = _get(block, adapter.router_name) if adapter.router_name else None
+    router = attribute_at(block, adapter.router_name) if adapter.router_name else None
     if router is None and adapter.extra_router_classes:
         router = next((m for m in mlp.modules() if isinstance(m, adapter.extra_router_classes)), None)
     return router
@@ -354,9 +355,6 @@ def routed_token_counts(model: nn.Module, documents, *, loss_fn: Callable | None
     document, adds nothing to any score, and has no curvature to fit. Without parameters that require
     gradients, every unpadded routed token counts.
     """
-    from workbench.probes.influence.lm import LMTask
-    from workbench.probes.influence.tasks import to_device
-
     if loss_fn is None:
         loss_fn, mask_fn = LMTask().loss, (LMTask.mask if mask_fn is None else mask_fn)
     adapter = adapter_for(model)
@@ -449,7 +447,7 @@ def lm_modules(model: nn.Module, *, mlp_linear: bool = True, experts: bool = Tru
             continue
         base = f"{prefix}.{i}.{adapter.mlp_name}"
         router = _router_of(adapter, block, mlp)
-        experts_mod = _get(block, adapter.experts_name) if adapter.experts_name else None
+        experts_mod = attribute_at(block, adapter.experts_name) if adapter.experts_name else None
         if experts_mod is None and router is not None:
             experts_mod = next((m for m in mlp.modules() if expert_layout(m) is not None), None)
         names = {id(m): f"{base}.{n}".rstrip(".") for n, m in mlp.named_modules()}

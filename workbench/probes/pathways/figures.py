@@ -18,21 +18,13 @@ import polars as pl
 from plotly.subplots import make_subplots
 
 from workbench.errors import InputError
-from workbench.figures import ALL_STEPS, PALETTE, color, nearest_step, step_axis, step_line, step_x, value_at
+from workbench.figures import (ALL_STEPS, PALETTE, Section, color, nearest_step, pick_groups, step_axis, step_line,
+                               step_x, value_at, with_slider)
+from workbench.samples import OVERALL
 
 
 def _means(table: pl.DataFrame) -> pl.DataFrame:
     return table.filter(pl.col("sample_id").is_null() & pl.col("step").is_not_null())
-
-
-def _groups(means: pl.DataFrame, groups) -> list[str]:
-    have = [g for g in means["group"].unique(maintain_order=True).to_list() if g is not None]
-    if groups is None:
-        return [g for g in have if g != "all"] or have
-    missing = [g for g in groups if g not in have]
-    if missing:
-        raise InputError(f"the pathways table has no group(s) {missing}; it has {have}")
-    return list(groups)
 
 
 def pathway_curves(table: pl.DataFrame, step: int | None = None, groups=None, log_x: bool = True,
@@ -41,7 +33,7 @@ def pathway_curves(table: pl.DataFrame, step: int | None = None, groups=None, lo
     solid, median dashed) and accuracy, one line per group. With ``step``: a dotted line there, the values at
     that step as points and in the title."""
     means = _means(table).filter(pl.col("layer").is_null()).sort("step")
-    groups = _groups(means, groups)
+    groups = pick_groups(means, groups, "pathways")
     all_steps = sorted(means["step"].unique().to_list())
     titles = ("pathway distance", f"{consistency.replace('_', ' ')} (mean, median dashed)", "accuracy")
     fig = make_subplots(rows=1, cols=3, subplot_titles=titles, horizontal_spacing=0.08)
@@ -199,7 +191,7 @@ def _correlation_text(corr: pl.DataFrame, acc_group: str, n_steps: int) -> str:
         d = corr.filter((pl.col("group") == group) & (pl.col("of") == of) & (pl.col("window") == window))
         return (float(d["pearson"][0]), float(d["spearman"][0])) if not d.is_empty() else (math.nan, math.nan)
 
-    group = "train" if "train" in corr["group"].to_list() else "all"
+    group = "train" if "train" in corr["group"].to_list() else OVERALL
     parts = []
     for of, label in (("distance", "distance"), ("consistency", "consistency (mean)"),
                       ("consistency_raw_median", "consistency_raw (median)")):
@@ -219,19 +211,12 @@ def _correlation_text(corr: pl.DataFrame, acc_group: str, n_steps: int) -> str:
             + "; ".join(parts) + "." + which)
 
 
-def report_section(store, run=None):
-    """The report section of the pathways probe (registered in ``workbench.report.SECTIONS``)."""
-    from workbench import figures
-    from workbench.report import Section
-
-    if "pathways" not in store.probes():
-        return None
-    table = store.table("pathways", final=False)
+def report_section(table: pl.DataFrame, final: pl.DataFrame, opts: dict) -> Section | None:
+    """The pathways section of the run report, from the per-checkpoint and final tables and the options they
+    were measured with; None when the table is empty."""
     if table.is_empty():
         return None
-    final = store.table("pathways", final=True)
     steps = sorted(table["step"].unique().to_list())
-    opts = store.options("pathways") or {}
     sec = Section("Routing pathways")
     sec.add(
         f"A sample's pathway is, at each MoE layer, the shortest list of experts (by routing weight) whose weight "
@@ -243,12 +228,12 @@ def report_section(store, run=None):
     corr = correlation_table(final)
     if not corr.is_empty():
         sec.add(_correlation_text(corr, opts.get("accuracy_group", "test"), len(steps)))
-    sec.add(figures.with_slider(lambda s: pathway_curves(table, step=s), steps))
-    groups = [g for g in ("train", "test") if g in table["group"].unique().to_list()] or ["all"]
+    sec.add(with_slider(lambda s: pathway_curves(table, step=s), steps))
+    groups = [g for g in ("train", "test") if g in table["group"].unique().to_list()] or [OVERALL]
     sec.add(layer_heatmap(table, group=groups[0]))
     if "pathway" in table.columns and table["pathway"].drop_nulls().len():
         sample = table.filter(pl.col("group") == groups[0])["sample_id"].drop_nulls().sort()[0]
-        sec.add(figures.with_slider(lambda s: pathway_figure(table, sample, step=s), steps))
+        sec.add(with_slider(lambda s: pathway_figure(table, sample, step=s), steps))
     if not final.is_empty() and final["group"].str.contains("@").any():
         for kind in groups:
             if final["group"].str.starts_with(f"{kind}@").any():
