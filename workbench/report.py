@@ -170,7 +170,7 @@ def render_notebook(
     _light_outputs(nb)
     with tempfile.TemporaryDirectory() as templates:  # the template extends nbconvert's lab template
         (Path(templates) / "workbench_report.html.j2").write_text(_REPORT_TEMPLATE, encoding="utf-8")
-        exporter = HTMLExporter(extra_template_basedirs=[templates], template_file="workbench_report.html.j2",
+        exporter = HTMLExporter(extra_template_paths=[templates], template_file="workbench_report.html.j2",
                                 exclude_input_prompt=True, exclude_output_prompt=True)
         body, _ = exporter.from_notebook_node(nb, resources={"plotly_js": get_plotlyjs()})
     out = Path(out) if out is not None else nb_path.with_suffix(".html")
