@@ -19,6 +19,7 @@ import os
 import pickle
 import re
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -168,6 +169,21 @@ def _hf_weight_files(folder: Path) -> tuple[list[Path], list[Path]]:
     return st, other
 
 
+@contextmanager
+def _no_transformers_progress():
+    """transformers' own "Loading weights" bar, off for one load: the measurement loop already shows one bar
+    per checkpoint, and a notebook would get one more progress widget per checkpoint loaded."""
+    from transformers.utils import logging as hf_logging  # transformers is heavy: imported when a model loads
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
 def _load_hf(source: str, revision: str | None = None, local: bool = True, **kwargs) -> nn.Module:
     # transformers takes seconds to import: only when a Hugging Face checkpoint is loaded
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -195,14 +211,15 @@ def _load_hf(source: str, revision: str | None = None, local: bool = True, **kwa
             "the model yourself and pass it to the probes (remote code is never run)"
         ) from exc
     try:
-        return AutoModelForCausalLM.from_pretrained(
-            source,
-            config=config,
-            revision=revision,
-            trust_remote_code=False,
-            use_safetensors=use_safetensors,
-            **kwargs,
-        )
+        with _no_transformers_progress():
+            return AutoModelForCausalLM.from_pretrained(
+                source,
+                config=config,
+                revision=revision,
+                trust_remote_code=False,
+                use_safetensors=use_safetensors,
+                **kwargs,
+            )
     except ValueError as exc:
         if "Unrecognized configuration class" in str(exc):
             raise UnknownArchitectureError(
