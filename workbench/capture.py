@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from workbench.errors import InputError, NumericalError, TokenizerMismatchError
+from workbench.errors import InputError, NumericalError
 from workbench.models import adapter_for
 from workbench.samples import IGNORE, SampleSet, length_buckets
 
@@ -95,11 +95,23 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _vocab_size(model: nn.Module) -> int | None:
+def vocab_size(model: nn.Module) -> int | None:
+    """The number of token ids the model's input embedding takes (None when it has none to find)."""
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if emb is None:
         emb = next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
     return emb.num_embeddings if emb is not None else None
+
+
+def model_positions(model: nn.Module) -> int | None:
+    """The longest input the model takes, in tokens, as its config says (None when it does not say). A rotary
+    model runs past it without an error, with positions it was never trained on: that is refused too."""
+    cfg = getattr(model, "config", None)
+    for name in ("n_ctx", "max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(cfg, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def _top_k(model: nn.Module, router: nn.Module) -> int:
@@ -265,12 +277,15 @@ def capture(
     max_batch: int = 4096,
     autocast: bool | None = None,
     pad_id: int = 0,
+    truncate: bool = False,
     progress: bool = False,
 ) -> Capture:
     """Run ``samples`` through ``model`` once and collect what ``spec`` asks for.
 
     The model is moved to ``device`` (default: CUDA when present, else CPU) and put in eval mode.
-    ``autocast`` defaults to bf16 autocast on CUDA and none on CPU.
+    ``autocast`` defaults to bf16 autocast on CUDA and none on CPU. Samples are checked against the model first
+    (:meth:`SampleSet.fit`): token ids within its vocabulary, lengths within its positions (``truncate=True``
+    cuts longer ones instead of refusing them).
     """
     device = torch.device(device) if device is not None else default_device()
     first = next(model.parameters(), None)
@@ -278,12 +293,7 @@ def capture(
         model = model.to(device)
     if model.training:  # eval() walks every module: skip it when the model is already in eval mode
         model.eval()
-    vocab = _vocab_size(model)
-    if vocab is not None and samples.max_token() >= vocab:
-        raise TokenizerMismatchError(
-            f"sample token ids reach {samples.max_token()} but the model's vocabulary has {vocab} tokens; "
-            "tokenize the samples with the model's own tokenizer"
-        )
+    samples = samples.fit(vocab_size(model), model_positions(model), truncate=truncate)
     adapter = adapter_for(model)
     n = len(samples)
     cuda = device.type == "cuda"
@@ -365,4 +375,4 @@ def capture(
     )
 
 
-__all__ = ["Capture", "CaptureSpec", "capture", "default_device"]
+__all__ = ["Capture", "CaptureSpec", "capture", "default_device", "model_positions", "vocab_size"]

@@ -311,6 +311,9 @@ def resolve_modules(model: nn.Module, modules: Sequence[str | TrackedModule] | N
     else:
         if isinstance(modules, (str, TrackedModule)):
             modules = [modules]
+        if len(modules) == 0:
+            raise InputError("modules= is an empty list, so nothing would be tracked; name at least one module, or "
+                             "pass modules=None for every nn.Linear")
         named = dict(model.named_modules())
         tracked = []
         for item in modules:
