@@ -51,7 +51,7 @@ class InfluenceBrowser(CheckpointView):
         ranked = figs.ranked_documents(self.tables, self.step, self.query, self.k)
         lines = []
         for r in ranked.iter_rows(named=True):
-            rank = f"#{r['rank']}" if r["rank"] > 0 else f"−#{-r['rank']}"
+            rank = figs.rank_label(r["rank"])
             body = figs.token_html(self.tables, self.step, self.query, r["doc_id"])
             lines.append(f"<div style='margin:2px 0'><b>{rank}</b> <code>{r['doc_id']}</code> "
                          f"({r['value']:.3g}): {body}</div>")

@@ -1,4 +1,4 @@
-"""The ``workbench`` command: ``demo``, ``train``, ``measure``, ``report`` and ``store verify``.
+"""The ``workbench`` command: ``demo``, ``train``, ``measure``, ``report``, ``numbers`` and ``store verify``.
 
 Measurements are found through the registry (:func:`workbench.measure.registry`): ``--probe NAME`` takes any
 registered name, ``--option [NAME.]FIELD=VALUE`` sets any of its fields, and the files given with ``--samples``,
@@ -94,20 +94,79 @@ def _run_samples(run, samples, overwrite: bool) -> None:
     run.samples = samples
 
 
-def cmd_demo(args) -> Path:
-    from workbench import toys
+def measure_demo(run, device: str | None = None, overwrite: bool = False, timings: dict | None = None):
+    """Measure a built-in grokking run with everything the demo shows (resumable: what is in the store already
+    is kept). ``timings`` receives the seconds of each phase."""
+    import time
+
     from workbench.measure import demo_measurements, measure
-    from workbench.report import run_report
     from workbench.toys.influence import grokking_influence
 
-    run = toys.ensure_run(quick=args.quick or None, retrain=args.retrain)
+    timings = {} if timings is None else timings
+    t = time.perf_counter()
+    measure(run, demo_measurements(), device=device, overwrite=overwrite)
+    timings["measure"] = time.perf_counter() - t
+    # Influence of the training pairs on held-out answers at the run's phases.
+    t = time.perf_counter()
+    grokking_influence(run, device=device, overwrite=overwrite)
+    timings["influence"] = time.perf_counter() - t
+    return run
+
+
+def measured_demo_run(quick: bool | None = None, retrain: bool = False, device: str | None = None,
+                      timings: dict | None = None):
+    """The built-in run, trained if needed, measured by :func:`measure_demo`."""
+    import time
+
+    from workbench import toys
+
+    timings = {} if timings is None else timings
+    t = time.perf_counter()
+    run = toys.ensure_run(quick=quick, retrain=retrain)
+    timings["train"] = time.perf_counter() - t
     print(f"run: {run.root} ({len(run)} checkpoints)", flush=True)
-    measure(run, demo_measurements(), device=args.device, overwrite=args.retrain)
-    # Influence of the training pairs on held-out answers at the run's phases (a few seconds on the CPU).
-    grokking_influence(run, device=args.device, overwrite=args.retrain)
+    return measure_demo(run, device, retrain, timings)
+
+
+def cmd_demo(args) -> Path:
+    import time
+
+    from workbench.report import run_report
+
+    timings: dict = {}
+    run = measured_demo_run(args.quick or None, args.retrain, args.device, timings)
+    t = time.perf_counter()
     path = run_report(run, args.out)
+    timings["report"] = time.perf_counter() - t
+    print("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()), flush=True)
     print(f"report: {path.resolve()}", flush=True)
     return path
+
+
+def cmd_numbers(args) -> None:
+    """Print the built-in run's named numbers, or rewrite (``--write``) / compare (``--check``) the spans and
+    blocks of markdown files with them. Several runs: each number becomes the range over them."""
+    import json
+
+    from workbench.runs import Run
+    from workbench.toys import numbers as N
+
+    runs = [measure_demo(Run.from_folder(r)) for r in args.run] if args.run else [measured_demo_run(args.quick or None)]
+    nums = N.combine([N.grokking_numbers(r) for r in runs])
+    if args.json:
+        Path(args.json).write_text(json.dumps(N.as_json(nums), indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    for path in args.write or []:
+        p = Path(path)
+        p.write_text(N.fill(p.read_text(encoding="utf-8"), nums), encoding="utf-8")
+        print(f"numbers: rewrote {len(N.quoted(p.read_text(encoding='utf-8')))} quoted numbers in {p}")
+    problems = []
+    for path in args.check or []:
+        problems += [f"{path}: {line}" for line in N.check(Path(path).read_text(encoding="utf-8"), nums)]
+    if problems:
+        raise InputError("quoted numbers differ from the run's:\n  " + "\n  ".join(problems)
+                         + "\nrewrite them with: workbench numbers --write FILE (make numbers)")
+    if not (args.write or args.check or args.json):
+        print(N.markdown(nums))
 
 
 def cmd_train(args) -> None:
@@ -218,6 +277,16 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--wait", action="store_true", help="wait for another process writing the store to finish")
     m.set_defaults(func=cmd_measure)
 
+    n = sub.add_parser("numbers", help="the built-in run's quoted numbers, from its store; rewrite or check a README")
+    n.add_argument("run", nargs="*", help="built-in run folders, e.g. other seeds (default: the built-in run); each "
+                                          "is measured as the demo measures it if needed; several: each number "
+                                          "becomes the range over them")
+    n.add_argument("--quick", action="store_true", help="the short test run instead of the full one")
+    n.add_argument("--write", action="append", metavar="FILE", help="rewrite the marked numbers of FILE (repeatable)")
+    n.add_argument("--check", action="append", metavar="FILE", help="fail if FILE quotes other numbers (repeatable)")
+    n.add_argument("--json", metavar="PATH", help="also write the numbers as JSON")
+    n.set_defaults(func=cmd_numbers)
+
     r = sub.add_parser("report", help="HTML report of a run folder, a notebook, or a folder of notebooks")
     r.add_argument("target")
     r.add_argument("--out")
@@ -233,7 +302,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings on one line of their own, above the progress bars (the default also prints the source line,
+    which lands in the middle of a bar)."""
+    from tqdm import tqdm
+
+    tqdm.write(f"warning: {category.__name__}: {message}", file=file or sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    warnings.showwarning = _show_warning
     args = build_parser().parse_args(argv)
     try:
         rc = args.func(args)

@@ -23,6 +23,7 @@ import os
 import pickle
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -278,6 +279,21 @@ def _check_shards(folder: Path) -> Path | None:
     return None
 
 
+@contextmanager
+def _no_transformers_progress():
+    """transformers' own "Loading weights" bar, off for one load: the measurement loop already shows one bar
+    per checkpoint, and a notebook would get one more progress widget per checkpoint loaded."""
+    from transformers.utils import logging as hf_logging  # transformers is heavy: imported when a model loads
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
 def _load_hf(source: str, revision: str | None = None, local: bool = True, **kwargs) -> nn.Module:
     # transformers takes seconds to import: only when a Hugging Face checkpoint is loaded
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -316,15 +332,16 @@ def _load_hf(source: str, revision: str | None = None, local: bool = True, **kwa
                                  "that the hub is reachable or the files are in the cache") from exc
     kwargs = {"ignore_mismatched_sizes": True, **kwargs}  # mis-shaped weights are reported below, by name
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(
-            source,
-            config=config,
-            revision=revision,
-            trust_remote_code=False,
-            use_safetensors=use_safetensors,
-            output_loading_info=True,
-            **kwargs,
-        )
+        with _no_transformers_progress():
+            model, info = AutoModelForCausalLM.from_pretrained(
+                source,
+                config=config,
+                revision=revision,
+                trust_remote_code=False,
+                use_safetensors=use_safetensors,
+                output_loading_info=True,
+                **kwargs,
+            )
     except ValueError as exc:
         if "Unrecognized configuration class" in str(exc):
             raise UnknownArchitectureError(

@@ -16,7 +16,8 @@ import polars as pl
 from plotly.subplots import make_subplots
 
 from workbench.errors import InputError
-from workbench.figures import PALETTE, Section, nearest_step, with_slider
+from workbench.figures import PALETTE, Section, nearest_step, value_at, with_slider
+from workbench.samples import OVERALL
 
 
 def check_task(table: pl.DataFrame, group: str | None) -> str:
@@ -56,8 +57,8 @@ def probe_overview(table: pl.DataFrame, group: str | None = None, step: int | No
     step = nearest_step(steps, step)
     z = _grid(d, group, metric, steps, layers)
     extra = [m for m in ("selectivity", "control_accuracy", "train_accuracy") if m in d["metric"].unique().to_list()]
-    custom = [[[(_grid(d, group, m, steps, layers)[i][j]) for m in extra] for j in range(len(steps))]
-              for i in range(len(layers))]
+    grids = [_grid(d, group, m, steps, layers) for m in extra]
+    custom = [[[g[i][j] for g in grids] for j in range(len(steps))] for i in range(len(layers))]
     hover = "step %{x}<br>layer %{y}<br>" + metric.replace("_", " ") + " %{z:.3f}"
     for k, m in enumerate(extra):
         hover += f"<br>{m.replace('_', ' ')} %{{customdata[{k}]:.3f}}"
@@ -84,10 +85,21 @@ def probe_overview(table: pl.DataFrame, group: str | None = None, step: int | No
                   line=dict(color="white", width=2))
     fig.add_shape(type="line", x0=i, x1=i, y0=0, y1=1, xref="x2", yref="y2 domain",
                   line=dict(color="black", dash="dot", width=1))
+    m_at = value_at(model["step"].to_list(), model["value"].to_list(), step)
+    b_at = value_at(best["step"].to_list(), best["value"].to_list(), step)
+    fig.add_trace(go.Scatter(x=[str(step), str(step)], y=[m_at, b_at], mode="markers", showlegend=False,
+                             hoverinfo="skip", marker=dict(size=10, color=["#d62728", "#1f77b4"],
+                                                           line=dict(color="black", width=1))), row=1, col=2)
+    at = acc.filter(pl.col("step") == step).sort("value", descending=True)
+    parts = [f"model accuracy {m_at:.2f}" if m_at is not None else ""]
+    if not at.is_empty():
+        parts.append(f"best probe {at['value'][0]:.2f} (block {at['layer'][0]})")
+    task = f"task {group}, " if group != OVERALL else ""
     fig.update_xaxes(title_text="checkpoint step", type="category")
     fig.update_yaxes(range=[-0.02, 1.02], row=1, col=2)
-    fig.update_layout(height=360, margin=dict(t=50, b=50, l=50, r=20), legend=dict(orientation="h", y=-0.25, x=0.6),
-                      title=dict(text=f"{group}: step {step}", x=0.01, y=0.99))
+    fig.update_layout(height=380, margin=dict(t=60, b=50, l=50, r=20), legend=dict(orientation="h", y=-0.25, x=0.6),
+                      title=dict(text=f"linear probes, {task}step {step}: " + ", ".join(p for p in parts if p),
+                                 x=0.01, y=0.98))
     return fig
 
 
