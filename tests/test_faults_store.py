@@ -202,7 +202,9 @@ def test_a_part_with_the_wrong_rows_is_listed(measured):
     (d / "step_000001.parquet").rename(d / "step_000005.parquet")
     d.joinpath("final.parquet").write_bytes(b"PAR1garbage")
     (d / ".step_000009.parquet.999999999.ab.tmp").write_bytes(b"half")
+    (store.root / f"{LOCK_NAME}.999999999.cd.tmp").write_text("{")
     found = {p.path.name: p.what for p in store.verify()}
+    assert found[f"{LOCK_NAME}.999999999.cd.tmp"] == "a lock file left by a writer that no longer runs"
     assert found["step_000005.parquet"] == "holds rows of step(s) [1], not 5"
     assert found["final.parquet"].startswith("cannot be read")
     assert found[".step_000009.parquet.999999999.ab.tmp"].startswith("a temporary file left by a writer")
@@ -217,6 +219,9 @@ def test_store_verify_on_the_command_line(measured, capsys):
     assert cli.main(["store", "verify", str(measured.root), "--repair"]) == 0
     assert f"repaired: {part}" in capsys.readouterr().out and not part.exists()
     assert cli.main(["store", "verify", str(measured.store.root)]) == 0
+    (measured.store.root).rename(measured.root / "moved")
+    assert cli.main(["store", "verify", str(measured.root)]) == 2
+    assert "run folder without a store" in capsys.readouterr().err
 
 
 # --- a full disk, a read-only folder ---------------------------------------------------------------------------------

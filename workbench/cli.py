@@ -219,9 +219,13 @@ def cmd_report(args) -> None:
 def cmd_store_verify(args) -> int:
     from workbench.store import Store
 
+    from workbench.errors import StoreError
+
     root = Path(args.store)
     if (root / "store").is_dir():  # a run folder: its store
         root = root / "store"
+    elif (root / "run.json").exists() or (root / "samples.parquet").exists() or (root / "config.json").exists():
+        raise StoreError(f"{root} is a run folder without a store: measure it first (workbench measure {root})")
     store = Store(root)
     problems = store.verify()
     fixed = store.repair() if args.repair and problems else []

@@ -227,7 +227,8 @@ def measure(
     names = [m.name for m in ms]
     if len(set(names)) != len(names):
         raise InputError(f"measurement names must differ, got {names}")
-    wanted = [c for c in run.checkpoints if c.step in _steps(run, steps)] if steps is not None else run.checkpoints
+    chosen = _steps(run, steps) if steps is not None else set(run.steps)
+    wanted = [c for c in run.checkpoints if c.step in chosen]
     specs = [s for s in (m.spec() for m in ms) if s is not None]
     spec = CaptureSpec()
     for s in specs:

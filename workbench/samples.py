@@ -215,7 +215,8 @@ class SampleSet:
     ) -> "SampleSet":
         """Language-model samples: every next token is scored. Without ``groups``, all are in one group named
         :data:`DEFAULT_GROUP`."""
-        tokens = [_token_ids(t, str(i if ids is None else ids[i]), "tokens") for i, t in enumerate(tokens)]
+        tokens = [_token_ids(t, str(ids[i] if ids is not None and i < len(ids) else i), "tokens")
+                  for i, t in enumerate(tokens)]
         return cls(
             ids=list(ids) if ids is not None else [str(i) for i in range(len(tokens))],
             groups=list(groups) if groups is not None else [DEFAULT_GROUP] * len(tokens),

@@ -441,6 +441,10 @@ class Store:
         if not self.root.is_dir():
             raise StoreError(f"there is no store at {self.root}")
         problems = []
+        for f in sorted(self.root.glob(f"{LOCK_NAME}.*")):  # a lock being created, or one set aside
+            pid = f.name[len(LOCK_NAME) + 1:].split(".")[0]
+            if not (pid.isdigit() and alive(int(pid))):
+                problems.append(Problem(f, "a lock file left by a writer that no longer runs"))
         lock = self.root / LOCK_NAME
         holder = read_lock(lock)
         if holder is not None:
