@@ -94,11 +94,18 @@ def entropy(p: torch.Tensor, dim: int = -1) -> torch.Tensor:
 
 class RoutingStats(Measurement):
     """Per MoE layer and group: expert-load entropy (of the top-k choices), importance entropy (of the mean
-    softmax), mean per-sample routing entropy, and each expert's share of the load."""
+    routing weights), mean per-sample routing entropy, and each expert's share of the load.
+
+    routing_weights: ``"scores"`` (default: the model's own expert scores as a distribution: softmax
+    probabilities, or sigmoid scores normalized to sum 1, as the router scores), ``"topk"`` (the weights it
+    applies to its selected experts, normalized per token) or ``"softmax"`` (``"scores"``, for softmax routers
+    only); see :class:`~workbench.capture.CaptureSpec`.
+    """
 
     name = "routing"
 
-    def __init__(self, routing_weights: str = "softmax"):
+    def __init__(self, routing_weights: str = "scores"):
+        CaptureSpec(routing_weights=routing_weights)  # validates the choice
         self.routing_weights = routing_weights
 
     def spec(self) -> CaptureSpec:
