@@ -33,7 +33,9 @@ _LAYER_PATHS = ("model.layers", "gpt_neox.layers", "transformer.h", "transformer
                 "layers")
 # A block's child is part of its MLP when its class says so (dense MLPs, MoE modules, shared experts; not
 # attention, mamba mixers or norms).
-_MLP_CLASS = re.compile(r"MLP|Mlp|FFN|FeedForward|Expert|MoE|Moe")
+# (Model prefixes hold "Moe" too, as in Qwen2MoeRMSNorm: an MoE module's name ends with it.)
+_MLP_CLASS = re.compile(r"MLP|Mlp|FFN|FeedForward|Expert|(MoE|Moe)(Block|Layer)?$")
+_NOT_MLP_CLASS = re.compile(r"Norm|Attention|Attn|Mamba|Mixer|Rotary|Embedding")
 _HOW_TO_REGISTER = ("register it: workbench.models.register_adapter(model_type, Adapter(name, layers_path=..., "
                     "router_path=..., routing=Routing(...))); the README's 'Registering an architecture' says how")
 
@@ -208,7 +210,8 @@ class Adapter:
 def _looks_mlp(module: nn.Module) -> bool:
     if isinstance(module, nn.ModuleList):
         return len(module) > 0 and all(_looks_mlp(m) for m in module)
-    return bool(_MLP_CLASS.search(type(module).__name__))
+    name = type(module).__name__
+    return bool(_MLP_CLASS.search(name)) and not _NOT_MLP_CLASS.search(name)
 
 
 def _has_3d(module: nn.Module) -> bool:
