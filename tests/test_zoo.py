@@ -161,7 +161,7 @@ def test_capture_is_the_models_own_routing(model_type, tokens):
         torch.testing.assert_close(getattr(small, name).double(), torch.stack(want[name]), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(topk.routing.double(), torch.stack(want["topk"]), atol=1e-5, rtol=1e-5)
     # both weight modes give distributions, pathways and consistency
-    from workbench.probes import pathways as P
+    from workbench.probes import pathways as P  # the pure functions
 
     for weights in (small.routing, topk.routing):
         paths = P.pathways(weights, 0.7)
@@ -187,10 +187,8 @@ KEYS = ("run", "step", "probe", "metric", "group", "sample_id", "layer", "expert
 
 @pytest.mark.parametrize("model_type", TYPES)
 def test_measure_stores_one_row_per_key(model_type, tokens, tmp_path):
-    from workbench import measure
-    from workbench.measure import LossAccuracy, RoutingStats
-    from workbench.probes.pathways_driver import RoutingPathways
-    from workbench.runs import Run
+    from workbench import LossAccuracy, RoutingStats, Run, measure
+    from workbench.probes.pathways import RoutingPathways
 
     model = tiny_moe(model_type)
     if _refused(model):

@@ -119,7 +119,7 @@ def register_expert_layout(class_name: str, layout: ExpertLayout) -> None:
 
 def expert_layout(module: nn.Module) -> ExpertLayout | None:
     """The layout of an experts module, or None when it is not one the workbench knows."""
-    from workbench.toys.model import Experts as BuiltinExperts
+    from workbench.models.toy import Experts as BuiltinExperts
 
     if isinstance(module, BuiltinExperts):
         return ExpertLayout((ExpertMatrix("up_proj"),), ExpertMatrix("down_proj"), combine="act", act="gelu",
