@@ -21,7 +21,7 @@ import torch
 from tests.tiny_models import random_tokens
 from tests.zoo import moe_model_types, tiny_moe
 from workbench import CaptureSpec, SampleSet, capture
-from workbench.errors import UnknownArchitectureError
+from workbench.errors import InputError, UnknownArchitectureError
 from workbench.models import adapter_for
 from workbench.models.routing import fitting_rules
 from workbench.runs import Checkpoint
@@ -268,3 +268,30 @@ def test_the_readme_states_every_architecture():
     for t in TYPES:
         refuse = adapter_for(tiny_moe(t)).refuse
         assert ("refused" in rows[t]) == bool(refuse), t
+
+
+@pytest.mark.parametrize("model_type, inferred", [("olmoe", "softmax"), ("deepseek_v3", "sigmoid"),
+                                                  ("gpt_oss", "softmax"), ("dbrx", None), ("llama4_text", None)])
+def test_an_unregistered_architecture_is_derived_or_refused(model_type, inferred, tokens, monkeypatch):
+    """Without its registration an architecture is derived from transformers and its scoring inferred from the
+    weights its routers apply (same numbers as registered), or refused, naming what to declare."""
+    from workbench.models.adapters import REGISTERED
+
+    registered = capture(tiny_moe(model_type), SampleSet.from_token_lists(tokens), CaptureSpec(routing=True))
+    monkeypatch.delitem(REGISTERED, model_type)
+    model = copy.deepcopy(tiny_moe(model_type))  # a new object: nothing cached for it
+    if inferred is None:  # DBRX's router returns logits only, Llama 4's dense scores and logits
+        with pytest.raises(UnknownArchitectureError, match="register_adapter"):
+            capture(model, SampleSet.from_token_lists(tokens), CaptureSpec(routing=True))
+        return
+    cap = capture(model, SampleSet.from_token_lists(tokens), CaptureSpec(routing=True))
+    assert cap.scoring == inferred
+    torch.testing.assert_close(cap.routing, registered.routing)
+
+
+def test_softmax_is_refused_for_a_router_that_does_not_apply_one(tokens):
+    model = tiny_moe("deepseek_v3")
+    with pytest.raises(InputError, match="scores experts with sigmoid"):
+        capture(model, SampleSet.from_token_lists(tokens), CaptureSpec(routing=True, routing_weights="softmax"))
+    assert capture(tiny_moe("olmoe"), SampleSet.from_token_lists(tokens),
+                   CaptureSpec(routing=True, routing_weights="softmax")).scoring == "softmax"
