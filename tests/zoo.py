@@ -42,7 +42,9 @@ PER_TYPE = {
     "jamba": dict(attn_layer_period=2, attn_layer_offset=1),
     "granitemoehybrid": dict(layer_types=["linear_attention", "attention", "linear_attention"]),
     "longcat_flash": dict(num_layers=2),
-    "dots3_note_text": dict(num_key_value_heads=4),
+    "dots3_note_text": dict(num_key_value_heads=4, per_layer_config={"1": dict(  # its sliding layer's own sizes
+        num_attention_heads=4, num_key_value_heads=4, q_lora_rank=16, kv_lora_rank=16, head_dim=16,
+        qk_nope_head_dim=8, v_head_dim=16, qk_rope_head_dim=8)}),
     "deepseek_v32": dict(num_key_value_heads=4), "axk2": dict(num_key_value_heads=4),
     "glm_moe_dsa": dict(num_key_value_heads=4),
     "lfm2_moe": dict(layer_types=["full_attention", "conv", "full_attention"], num_dense_layers=1),

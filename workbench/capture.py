@@ -190,8 +190,9 @@ def _top(st: "_BatchState", r: _Routers, tokens: int) -> tuple[torch.Tensor, tor
     """Applied weights and expert indices of every layer, [L, T, k]."""
     routing, outs = r.routing, st.router_out
     if routing.weights == "topk":
-        top_w = torch.stack([o[routing.weights_index] for o in outs])
-        top_i = torch.stack([o[routing.indices_index] for o in outs])
+        wi, ii = routing.weights_index, routing.indices_index
+        top_w = torch.stack([o[wi] for o in outs])
+        top_i = torch.stack([o[ii] for o in outs])
     elif routing.weights == "experts":
         top_w = torch.stack([w for w, _ in st.experts_in])
         top_i = torch.stack([i for _, i in st.experts_in])
@@ -227,7 +228,8 @@ def _reduce_routing(st: "_BatchState", spec: CaptureSpec, r: _Routers) -> None:
     b, t = st.mask.shape
     outs = st.router_out
     n_layers = len(outs)
-    logits = torch.stack([o[r.routing.logits_index] for o in outs])
+    li = r.routing.logits_index
+    logits = torch.stack([o[li] for o in outs])
     if logits.shape[1:-1].numel() != b * t:
         raise UnknownArchitectureError(
             f"{r.where} returned logits of shape {tuple(logits.shape[1:])} for {b}x{t} tokens; the workbench "

@@ -453,17 +453,18 @@ def adapter_for(model: nn.Module) -> Adapter:
         return _CACHE[model]
     mt = _model_type(model)
     name = mt or type(model).__name__
+    reg = REGISTERED.get(mt)
+    if reg is not None and not isinstance(reg, Adapter):
+        reg = reg(model.config)
     if mt in ADAPTERS:
         adapter = ADAPTERS[mt]
-    else:
-        reg = REGISTERED.get(mt)
-        if callable(reg) and not isinstance(reg, Adapter):
-            reg = reg(model.config)
-        if reg is not None and reg.refuse:
-            adapter = reg
-        else:
-            adapter = derive(model, reg) or (replace(reg, layers_path=reg.layers_path or _dense(model, name).layers_path)
-                                             if reg is not None and _dense(model, name) else _dense(model, name))
+    elif reg is not None and reg.refuse:
+        adapter = reg
+    else:  # a transformers MoE model, or a dense one (no recorded routers): blocks only
+        adapter = derive(model, reg)
+        if adapter is None:
+            dense = _dense(model, name)
+            adapter = replace(reg, layers_path=reg.layers_path or dense.layers_path) if reg and dense else dense
     if adapter is None:
         raise UnknownArchitectureError(
             f"no adapter knows the architecture of {type(model).__name__} (model_type={mt!r}) and no decoder "

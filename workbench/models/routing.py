@@ -146,9 +146,11 @@ def fitting_rules(logits: torch.Tensor, weights: torch.Tensor, indices: torch.Te
     selected experts ``indices`` [T, k] given ``logits`` [T, E] (tokens where all are well above zero).
 
     Renormalization and a constant scale keep the weights proportional to the scores, so only the scoring
-    decides. The tolerance follows the precision the weights came in (bf16 weights are rounded to 3 digits).
+    decides. The tolerance follows the lower precision of the two (bf16 keeps 3 digits: under autocast a
+    router may compute its weights from more precise logits than it returns).
     """
-    rtol = {torch.bfloat16: 3e-2, torch.float16: 5e-3}.get(weights.dtype, 1e-3)
+    tol = {torch.bfloat16: 3e-2, torch.float16: 5e-3}
+    rtol = max(tol.get(weights.dtype, 1e-3), tol.get(logits.dtype, 1e-3))
     x, w = logits.double().reshape(-1, logits.shape[-1]), weights.double().reshape(indices.shape)
     fits = []
     for name, score in SCORES.items():
