@@ -19,10 +19,14 @@ import os
 import pickle
 import re
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import polars as pl
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 from torch import nn
 
 from workbench.errors import (
@@ -32,6 +36,7 @@ from workbench.errors import (
     UnknownArchitectureError,
     UnsafeCheckpointError,
 )
+from workbench.models.toy import ToyConfig, ToyMoETransformer
 from workbench.samples import SampleSet
 from workbench.store import Store
 
@@ -54,8 +59,6 @@ def parse_step(name: str) -> int | None:
 
 def check_safetensors(path: Path) -> None:
     """Read a safetensors header; raise CorruptCheckpointError naming the file if it cannot be read."""
-    from safetensors import safe_open
-
     try:
         with safe_open(str(path), framework="pt") as f:
             f.keys()
@@ -71,7 +74,6 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     path = Path(path)
     if path.suffix == ".safetensors":
         check_safetensors(path)
-        from safetensors.torch import load_file
 
         return load_file(str(path))
     try:
@@ -143,8 +145,6 @@ class Checkpoint:
 
 
 def _load_builtin(step_dir: Path) -> nn.Module:
-    from workbench.models.toy import ToyConfig, ToyMoETransformer
-
     info = json.loads((step_dir.parent / "run.json").read_text())
     model = ToyMoETransformer(ToyConfig.from_dict(info["model"]))
     files = sorted(step_dir.glob("*.safetensors")) or sorted(
@@ -168,7 +168,23 @@ def _hf_weight_files(folder: Path) -> tuple[list[Path], list[Path]]:
     return st, other
 
 
+@contextmanager
+def _no_transformers_progress():
+    """transformers' own "Loading weights" bar, off for one load: the measurement loop already shows one bar
+    per checkpoint, and a notebook would get one more progress widget per checkpoint loaded."""
+    from transformers.utils import logging as hf_logging  # transformers is heavy: imported when a model loads
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
 def _load_hf(source: str, revision: str | None = None, local: bool = True, **kwargs) -> nn.Module:
+    # transformers takes seconds to import: only when a Hugging Face checkpoint is loaded
     from transformers import AutoConfig, AutoModelForCausalLM
 
     use_safetensors = None
@@ -194,14 +210,15 @@ def _load_hf(source: str, revision: str | None = None, local: bool = True, **kwa
             "the model yourself and pass it to the probes (remote code is never run)"
         ) from exc
     try:
-        return AutoModelForCausalLM.from_pretrained(
-            source,
-            config=config,
-            revision=revision,
-            trust_remote_code=False,
-            use_safetensors=use_safetensors,
-            **kwargs,
-        )
+        with _no_transformers_progress():
+            return AutoModelForCausalLM.from_pretrained(
+                source,
+                config=config,
+                revision=revision,
+                trust_remote_code=False,
+                use_safetensors=use_safetensors,
+                **kwargs,
+            )
     except ValueError as exc:
         if "Unrecognized configuration class" in str(exc):
             raise UnknownArchitectureError(
@@ -292,13 +309,12 @@ class Run:
 
     def metrics(self):
         """Training metrics the built-in run recorded at each checkpoint, as a polars table."""
-        import polars as pl
-
         rows = [{"step": c.step, **c.metadata().get("metrics", {})} for c in self.checkpoints]
         return pl.DataFrame(rows)
 
     def tokenizer(self):
-        from transformers import AutoTokenizer
+        """The tokenizer saved with the first checkpoint (Hugging Face runs)."""
+        from transformers import AutoTokenizer  # seconds to import: only when asked for
 
         first = self.checkpoints[0]
         return AutoTokenizer.from_pretrained(first.source, revision=first.revision)

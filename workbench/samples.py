@@ -9,16 +9,45 @@ scored positions.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import polars as pl
 import torch
 
 from workbench.errors import InputError
+from workbench.store import write_parquet_atomic
 
 IGNORE = -100
+#: The group every sample belongs to besides its own: tables hold one row for it beside each group's.
+OVERALL = "all"
+
+
+def per_group(groups: Sequence[str]) -> list[tuple[str, torch.Tensor]]:
+    """Each group of ``groups`` (one label per sample) with the indices of its samples, in order of first
+    appearance, then :data:`OVERALL` with every index: the rows a per-group table holds."""
+    index: dict[str, list[int]] = {}
+    for i, g in enumerate(groups):
+        index.setdefault(g, []).append(i)
+    rows = [(g, torch.tensor(idx, dtype=torch.long)) for g, idx in index.items()]
+    return rows + [(OVERALL, torch.arange(len(groups)))]
+
+
+def split_group(group: str) -> tuple[str, str]:
+    """``"task:split"`` → (task, split); a group without ':' is split ``group`` of task :data:`OVERALL`."""
+    task, sep, split = group.rpartition(":")
+    return (task, split) if sep else (OVERALL, group)
+
+
+def shift_completion(prompt: Sequence[int], completion: Sequence[int]) -> tuple[list[int], list[int]]:
+    """Inputs and targets of a (prompt, completion) pair whose completion alone is scored: the model sees the
+    prompt and all but the last completion token, and position t predicts token t + 1."""
+    full = list(prompt) + list(completion)
+    return full[:-1], [IGNORE] * (len(prompt) - 1) + list(completion)
 
 
 @dataclass
@@ -135,10 +164,9 @@ class SampleSet:
             ct = tokenizer(c, add_special_tokens=False)["input_ids"]
             if not ct:
                 raise InputError(f"completion {k} is empty; every query needs at least one completion token")
-            full = list(pt) + list(ct)
-            # The model sees the prompt and all but the last completion token; position t predicts t+1.
-            inputs.append(full[:-1])
-            targets.append([IGNORE] * (len(pt) - 1) + list(ct))
+            x, y = shift_completion(pt, ct)
+            inputs.append(x)
+            targets.append(y)
         n = len(inputs)
         return cls(
             ids=list(ids) if ids is not None else [str(i) for i in range(n)],
@@ -146,6 +174,13 @@ class SampleSet:
             input_ids=inputs,
             targets=targets,
         )
+
+    def digest(self) -> str:
+        """A short hash of the ids, tokens and targets: equal digests, equal samples."""
+        h = hashlib.sha1()
+        for sid, x, y in zip(self.ids, self.input_ids, self.targets):
+            h.update(json.dumps([sid, x, y]).encode())
+        return h.hexdigest()[:12]
 
     # --- persistence ----------------------------------------------------------------------------------------
     def to_frame(self) -> pl.DataFrame:
@@ -160,8 +195,6 @@ class SampleSet:
         )
 
     def save(self, path: str | os.PathLike) -> None:
-        from workbench.store import write_parquet_atomic
-
         write_parquet_atomic(self.to_frame(), path)
 
     @classmethod
@@ -173,6 +206,56 @@ class SampleSet:
             input_ids=df["input_ids"].to_list(),
             targets=df["targets"].to_list(),
         )
+
+
+def read_samples(path: str | os.PathLike, tokenizer, *, group: str | None = None) -> tuple[SampleSet, pl.DataFrame]:
+    """Samples from a JSONL, JSON, CSV or Parquet file, one row per sample, tokenized with ``tokenizer``.
+
+    Columns: ``text`` (every next token is scored), or ``prompt`` and ``completion`` (only the completion is
+    scored; ``text`` with ``target`` means the same), optional ``id`` (where missing: the row number) and
+    ``group`` (where missing: ``group``, else the file's stem). Rows may mix the two kinds. The completion is tokenized
+    without special tokens and appended to the prompt's tokens, so give it the leading space the tokenizer
+    expects. Returns the samples and the file's columns keyed by ``sample_id`` (for views to show).
+    """
+    path = Path(path)
+    readers = {".jsonl": pl.read_ndjson, ".ndjson": pl.read_ndjson, ".json": pl.read_json, ".csv": pl.read_csv,
+               ".parquet": pl.read_parquet}
+    if path.suffix not in readers:
+        raise InputError(f"{path} is not a samples file: give a .jsonl, .json, .csv or .parquet file")
+    if not path.exists():
+        raise InputError(f"no samples file at {path}")
+    try:
+        df = readers[path.suffix](path)
+    except (pl.exceptions.PolarsError, OSError, ValueError) as exc:
+        raise InputError(f"{path} cannot be read as {path.suffix[1:]} ({exc}); check the file") from exc
+    if df.is_empty():
+        raise InputError(f"{path} holds no samples; give one row per sample")
+    if "target" in df.columns and "completion" not in df.columns:
+        df = df.rename({"target": "completion"}).with_columns(prompt=pl.col("text"))
+    has_text, has_pair = "text" in df.columns, {"prompt", "completion"} <= set(df.columns)
+    if not has_text and not has_pair:
+        raise InputError(f"{path} has columns {df.columns}; a samples file needs 'text', or 'prompt' and "
+                         "'completion' (or 'text' and 'target')")
+    column = lambda name: df[name].to_list() if name in df.columns else [None] * df.height  # noqa: E731
+    ids = [str(k) if i is None else str(i) for k, i in enumerate(column("id"))]
+    groups = [group or path.stem if g is None else str(g) for g in column("group")]
+    inputs, targets = [], []
+    for k, row in enumerate(df.iter_rows(named=True)):
+        prompt, completion = (row.get("prompt"), row.get("completion")) if has_pair else (None, None)
+        if prompt is not None and completion is not None:
+            c = tokenizer(str(completion), add_special_tokens=False)["input_ids"]
+            if not c:
+                raise InputError(f"sample {ids[k]!r} of {path} has an empty completion; give it at least one token")
+            x, y = shift_completion(tokenizer(str(prompt))["input_ids"], c)
+        elif row.get("text") is not None:
+            x = list(tokenizer(str(row["text"]))["input_ids"])
+            y = x[1:] + [IGNORE]
+        else:
+            raise InputError(f"sample {ids[k]!r} of {path} has neither a text nor a prompt and a completion")
+        inputs.append(x)
+        targets.append(y)
+    info = df.drop([c for c in ("id", "group") if c in df.columns]).with_columns(sample_id=pl.Series(ids))
+    return SampleSet(ids=ids, groups=groups, input_ids=inputs, targets=targets), info
 
 
 def length_buckets(lengths: Sequence[int], token_budget: int = 16384, max_batch: int = 4096) -> list[list[int]]:

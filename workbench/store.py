@@ -161,7 +161,8 @@ class Store:
             raise StoreError(
                 f"probe {probe!r} in {self.root} was measured with other options ({', '.join(changed)} "
                 f"differ: stored {[old.get(k) for k in changed]}, asked {[options.get(k) for k in changed]}); "
-                "pass overwrite=True to measure it again, or give the measurement another name"
+                "pass overwrite=True (workbench measure --overwrite) to measure it again, or measure into another store "
+                "(Run.from_folder(..., store_root=...))"
             )
         write_json_atomic(options, self._dir(probe) / "options.json")
 
@@ -216,7 +217,7 @@ class Store:
             if probe not in self.probes():
                 raise StoreError(
                     f"the store at {self.root} has no probe {probe!r}; it has {self.probes()}. "
-                    "Measure it first (workbench measure, or the probe's driver)"
+                    "Measure it first (workbench measure, or workbench.measure)"
                 )
             probes = [probe]
         else:
@@ -229,10 +230,3 @@ class Store:
             df = df.filter(pl.col("metric") == metric)
         order = [c for c in KEYS if c != "value"] + [c for c in df.columns if c not in SCHEMA]
         return df.sort(order, nulls_last=False, maintain_order=True)
-
-    def scan(self, probe: str) -> pl.LazyFrame:
-        """A lazy frame over a probe's parts, for tables too big to read at once."""
-        files = self._files([probe], None)
-        if not files:
-            raise StoreError(f"the store at {self.root} has no parts for probe {probe!r}; measure it first")
-        return pl.scan_parquet(files)

@@ -7,10 +7,9 @@ from workbench.models.adapters import (
     MoELayer,
     adapter_for,
     register_adapter,
-    router_weight,
 )
 from workbench.models.experts import ExpertLayout, ExpertMatrix, expert_layout, register_expert_layout
 from workbench.models.routing import Routing
 
 __all__ = ["ADAPTERS", "REGISTERED", "Adapter", "ExpertLayout", "ExpertMatrix", "MoELayer", "Routing", "adapter_for",
-           "expert_layout", "register_adapter", "register_expert_layout", "router_weight"]
+           "expert_layout", "register_adapter", "register_expert_layout"]

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from workbench.errors import NotMoEError, UnknownArchitectureError
-from workbench.models.routing import Routing
+from workbench.models.routing import DISTRIBUTIONS, Routing
 
 _LAYER_PATHS = ("model.layers", "gpt_neox.layers", "transformer.h", "transformer.blocks", "model.decoder.layers",
                 "layers")
@@ -40,7 +40,8 @@ _HOW_TO_REGISTER = ("register it: workbench.models.register_adapter(model_type, 
                     "router_path=..., routing=Routing(...))); the README's 'Registering an architecture' says how")
 
 
-def _get(obj, dotted: str):
+def attribute_at(obj, dotted: str):
+    """``obj.a.b.c`` for ``dotted = "a.b.c"`` (``obj`` itself for ``""``), or None where a part is missing."""
     if not dotted:
         return obj
     for part in dotted.split("."):
@@ -50,7 +51,8 @@ def _get(obj, dotted: str):
     return obj
 
 
-def _join(*parts: str) -> str:
+def join_path(*parts: str) -> str:
+    """Attribute paths joined with dots, empty ones left out."""
     return ".".join(p for p in parts if p)
 
 
@@ -105,7 +107,7 @@ class Adapter:
 
     def blocks(self, model: nn.Module) -> list[nn.Module]:
         self._check()
-        layers = _get(model, self.layers_path or "")
+        layers = attribute_at(model, self.layers_path or "")
         if self.layers_path is None or layers is None:
             raise UnknownArchitectureError(
                 f"the {self.name} adapter expected decoder layers at '{self.layers_path}' but the model has "
@@ -114,7 +116,7 @@ class Adapter:
         return list(layers)
 
     def router_of(self, block: nn.Module) -> nn.Module | None:
-        router = _get(block, self.router_path) if self.router_path else None
+        router = attribute_at(block, self.router_path) if self.router_path else None
         if router is not None and self.router_classes and not isinstance(router, self.router_classes):
             return None  # e.g. DeepSeek-V4's hash-routed layers: not a learned router
         return router
@@ -127,19 +129,12 @@ class Adapter:
             if router is None:
                 continue
             moe_path = self.moe_path if self.moe_path is not None else self.router_path.rpartition(".")[0]
-            moe = _get(block, moe_path)
+            moe = attribute_at(block, moe_path)
             experts_path = self.experts_path if self.experts_path is not None else _find_experts(moe, moe_path)
-            experts = _get(block, experts_path) if experts_path is not None else None
+            experts = attribute_at(block, experts_path) if experts_path is not None else None
             out.append(MoELayer(i, f"{self.layers_path}.{i}", block, moe, moe_path, router, self.router_path,
                                 experts, experts_path))
         return out
-
-    def routers(self, model: nn.Module) -> list[tuple[int, nn.Module]]:
-        """(block index, router module) for every MoE layer, in depth order."""
-        return [(layer.index, layer.router) for layer in self.moe_layers(model)]
-
-    def is_moe(self, model: nn.Module) -> bool:
-        return bool(self.moe_layers(model))
 
     def require_moe(self, model: nn.Module) -> list[MoELayer]:
         layers = self.moe_layers(model)
@@ -154,7 +149,7 @@ class Adapter:
     # --- the router's weight matrix ------------------------------------------------------------------------
     def router_weight_of(self, router: nn.Module) -> torch.Tensor:
         """The router's weight matrix [experts (+ shared rows), d_model], as the parameter itself."""
-        w = _get(router, self.router_weight) if self.router_weight else None
+        w = attribute_at(router, self.router_weight) if self.router_weight else None
         if not isinstance(w, torch.Tensor) or w.dim() != 2:
             raise UnknownArchitectureError(
                 f"{self.name}'s router ({type(router).__name__}) has no single [experts, d_model] weight matrix "
@@ -162,10 +157,6 @@ class Adapter:
                 f"router to track; if it has one, {_HOW_TO_REGISTER} with router_weight='path.in.router'"
             )
         return w
-
-    def router_matrices(self, model: nn.Module) -> list[torch.Tensor]:
-        """Each MoE layer's router weight [experts, d_model], detached (routed experts' rows only)."""
-        return [self.router_weight_of(layer.router).detach() for layer in self.require_moe(model)]
 
     # --- MLP parts (dense MLPs, MoE modules, shared experts) -----------------------------------------------
     def mlp_parts(self, block: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -176,24 +167,19 @@ class Adapter:
         if router is not None:
             moe_path = self.moe_path if self.moe_path is not None else self.router_path.rpartition(".")[0]
             if moe_path:
-                parts.append((moe_path, _get(block, moe_path)))
+                parts.append((moe_path, attribute_at(block, moe_path)))
             else:
                 experts_path = self.experts_path if self.experts_path is not None else _find_experts(block, "")
-                parts += [(self.router_path, router)] + ([(experts_path, _get(block, experts_path))]
+                parts += [(self.router_path, router)] + ([(experts_path, attribute_at(block, experts_path))]
                                                          if experts_path else [])
         taken = {id(m) for _, m in parts}
         names = self.mlp_names if self.mlp_names is not None else [
             n for n, c in block.named_children() if _looks_mlp(c)]
         for n in names:
-            m = _get(block, n)
+            m = attribute_at(block, n)
             if m is not None and id(m) not in taken and not any(m is sub for _, p in parts for sub in p.modules()):
                 parts.append((n, m))
         return parts
-
-    def mlp(self, block: nn.Module) -> nn.Module | None:
-        """The block's main MLP module (its MoE module, else its dense MLP), or None."""
-        parts = self.mlp_parts(block)
-        return parts[0][1] if parts else None
 
     def mlp_linear_modules(self, model: nn.Module) -> list[str]:
         """Qualified names of the nn.Linear layers of every block's MLP (dense MLPs, shared experts)."""
@@ -203,7 +189,7 @@ class Adapter:
                 for sub, mod in part.named_modules():
                     if isinstance(mod, nn.Linear) and (not self.mlp_linear_names
                                                        or sub.split(".")[-1] in self.mlp_linear_names):
-                        names.append(_join(self.layers_path, str(i), path, sub))
+                        names.append(join_path(self.layers_path, str(i), path, sub))
         return names
 
 
@@ -224,9 +210,9 @@ def _find_experts(moe: nn.Module | None, moe_path: str) -> str | None:
     if moe is None:
         return None
     if isinstance(getattr(moe, "experts", None), nn.Module):
-        return _join(moe_path, "experts")
+        return join_path(moe_path, "experts")
     found = [n for n, c in moe.named_children() if _has_3d(c) and "shared" not in n]
-    return _join(moe_path, found[0]) if len(found) == 1 else None
+    return join_path(moe_path, found[0]) if len(found) == 1 else None
 
 
 # --- what transformers records ------------------------------------------------------------------------------
@@ -277,7 +263,7 @@ def recorded_routers(model: nn.Module) -> list[tuple[str, nn.Module, int]]:
                     found.append((name, module, r.index))
                     break
         for child_name, child in module.named_children():
-            walk(child, _join(name, child_name), recorders)
+            walk(child, join_path(name, child_name), recorders)
 
     walk(model, "", [])
     return found
@@ -288,7 +274,7 @@ def _split(model: nn.Module, name: str) -> tuple[str, int, str]:
     index and the path inside the block."""
     parts = name.split(".")
     for j, part in enumerate(parts):
-        if part.isdigit() and isinstance(_get(model, ".".join(parts[:j])), nn.ModuleList):
+        if part.isdigit() and isinstance(attribute_at(model, ".".join(parts[:j])), nn.ModuleList):
             return ".".join(parts[:j]), int(part), ".".join(parts[j + 1:])
     raise UnknownArchitectureError(
         f"the router {name!r} is not inside a list of blocks, so the workbench cannot tell its layer; "
@@ -300,8 +286,6 @@ _SCORING_KEYS = ("scoring_func", "expert_selection_fn", "score_func")
 
 def _configured_scoring(router: nn.Module, config) -> str | None:
     """A scoring rule the router or its config names (``scoring_func="sigmoid"``...), when it is one of ours."""
-    from workbench.models.routing import DISTRIBUTIONS
-
     for obj in (router, config, getattr(config, "get_text_config", lambda: None)()):
         for key in _SCORING_KEYS:
             v = getattr(obj, key, None) if obj is not None else None
@@ -442,7 +426,7 @@ _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _dense(model: nn.Module, name: str) -> Adapter | None:
-    path = next((p for p in _LAYER_PATHS if isinstance(_get(model, p), nn.ModuleList)), None)
+    path = next((p for p in _LAYER_PATHS if isinstance(attribute_at(model, p), nn.ModuleList)), None)
     return Adapter(name, path) if path is not None else None
 
 
@@ -474,17 +458,5 @@ def adapter_for(model: nn.Module) -> Adapter:
     return adapter
 
 
-def router_weight(router: nn.Module) -> torch.Tensor:
-    """A router's own 2-D weight (for routers outside any adapter); prefer ``Adapter.router_weight_of``."""
-    path = _router_weight_path(router)
-    w = _get(router, path) if path else None
-    if w is None:
-        raise UnknownArchitectureError(
-            f"router {type(router).__name__} has no 2-D weight matrix; the workbench needs a linear router "
-            "(experts x d_model) to compute routing embeddings"
-        )
-    return w
-
-
-__all__ = ["ADAPTERS", "Adapter", "MoELayer", "REGISTERED", "adapter_for", "derive", "recorded_routers",
-           "register_adapter", "router_weight"]
+__all__ = ["ADAPTERS", "Adapter", "MoELayer", "REGISTERED", "adapter_for", "attribute_at", "derive", "join_path",
+           "recorded_routers", "register_adapter"]

@@ -17,6 +17,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from workbench.models.adapters import attribute_at
+from workbench.models.toy import Experts as BuiltinExperts
+
 #: How the MoE block calls its experts. ``topk``: ``experts(hidden [T, d], top_k_index, top_k_weights)`` and
 #: the module weights each expert's output (transformers 5.x); ``gates``: ``experts(hidden, gates [T, E])``
 #: (the built-in model); ``dense``: ``experts(hidden [E·T, d])``, every expert on every token, the weights
@@ -38,13 +41,13 @@ class ExpertMatrix:
 
     def weight(self, module: nn.Module, n_experts: int) -> torch.Tensor:
         """The first ``n_experts`` experts' weights as ``[E, out, in]`` (a view of the parameter)."""
-        w = _get(module, self.param)
+        w = attribute_at(module, self.param)
         if self.flat:
             w = w.view(n_experts, -1, w.shape[-1])
         return (w.mT if self.transposed else w)[:n_experts]
 
     def bias_of(self, module: nn.Module) -> torch.Tensor | None:
-        return _get(module, self.bias) if self.bias else None
+        return attribute_at(module, self.bias) if self.bias else None
 
 
 @dataclass(frozen=True)
@@ -74,10 +77,10 @@ class ExpertLayout:
     def n_experts(self, module: nn.Module) -> int:
         if self.output.flat:
             return int(module.num_experts)
-        return _get(module, self.output.param).shape[0]
+        return attribute_at(module, self.output.param).shape[0]
 
 
-def _get(obj, dotted: str):
+def attribute_at(obj, dotted: str):
     for part in dotted.split("."):
         obj = getattr(obj, part, None)
         if obj is None:
@@ -119,8 +122,6 @@ def register_expert_layout(class_name: str, layout: ExpertLayout) -> None:
 
 def expert_layout(module: nn.Module) -> ExpertLayout | None:
     """The layout of an experts module, or None when it is not one the workbench knows."""
-    from workbench.models.toy import Experts as BuiltinExperts
-
     if isinstance(module, BuiltinExperts):
         return ExpertLayout((ExpertMatrix("up_proj"),), ExpertMatrix("down_proj"), combine="act", act="gelu",
                             call="gates")

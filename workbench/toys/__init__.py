@@ -11,8 +11,9 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
-from workbench.toys.cache import config_folder, ensure_trained, home, pinned_threads, quick_from_env
 from workbench.models.toy import ToyConfig, ToyMoETransformer
+from workbench.runs import Run
+from workbench.toys.cache import config_folder, ensure_trained, home, pinned_threads, quick_from_env
 from workbench.toys.modular import modular_addition
 from workbench.toys.train import GrokConfig, checkpoint_steps, train_modular
 
@@ -38,8 +39,6 @@ def ensure_run(
 
     ``quick`` (default: the environment variable ``WORKBENCH_QUICK`` is set to 1) picks :data:`QUICK`.
     """
-    from workbench.runs import Run
-
     if config is None:
         config = QUICK if quick_from_env(quick) else DEMO
     folder = config_folder(config, root)

@@ -1,4 +1,5 @@
-"""Calibration and discrimination of confidence (SPEC section 4; Steyvers et al., arXiv 2510.05126).
+"""Calibration and discrimination of confidence (docs/probes.md, "Calibration"; Steyvers et al.,
+arXiv 2510.05126).
 
 Every answer has a confidence in [0, 1] and a correctness bit. *Calibration* asks whether answers given
 with confidence c are right a share c of the time (ECE, MCE, Brier score, NLL, reliability diagram);
@@ -170,7 +171,7 @@ def _bin_sums(conf, correct, n_bins, binning):
 def ece(conf, correct, n_bins: int = 10, binning: str = "uniform") -> torch.Tensor:
     """Expected calibration error: Σ_m |B_m|/N · |acc(B_m) − conf(B_m)| over non-empty bins.
 
-    ``correct`` may be fractional (e.g. token accuracy); ``binning`` is ``"uniform"`` (SPEC default) or
+    ``correct`` may be fractional (e.g. token accuracy); ``binning`` is ``"uniform"`` (the default) or
     ``"quantile"`` (equal mass). See :func:`bin_indices` for the bin edges.
     """
     conf, correct = _inputs(conf, correct)

@@ -2,7 +2,7 @@
 
 A *document* is a token sequence; its loss is the summed next-token cross-entropy over its non-padding
 tokens. A *query* is a (prompt, completion) pair; its measurement is ``m = −log p(completion | prompt)``
-summed over the completion's tokens only (SPEC.md section 2). Both are :class:`workbench.samples.SampleSet`
+summed over the completion's tokens only (docs/probes.md, "Influence"). Both are :class:`workbench.samples.SampleSet`
 objects, whose shifted ``targets`` already carry -100 wherever nothing is scored (padding, a document's
 last token, a query's prompt), so one summed cross-entropy serves both: :class:`LMTask` gives
 ``loss_fn=task.loss`` (which can sample labels from the model for the true Fisher) and

@@ -38,8 +38,10 @@ from torch import nn
 
 from workbench.errors import InputError, UnknownArchitectureError
 from workbench.models import adapter_for
-from workbench.models.adapters import _get, _join
+from workbench.models.adapters import attribute_at, join_path
 from workbench.models.experts import ExpertLayout, ExpertMatrix, expert_layout
+from workbench.probes.influence.lm import LMTask
+from workbench.probes.influence.tasks import to_device
 from workbench.probes.influence.tracking import Block, Recorder, TrackedLinear, TrackedModule
 
 
@@ -148,14 +150,14 @@ class TrackedExperts(TrackedModule):
         zero-compute experts too): not MLP parameters the model can change, so coverage leaves them out."""
         out = {}
         for m in self.layout.matrices:
-            w = _get(self.module, m.param)
+            w = attribute_at(self.module, m.param)
             rows = w.shape[0] if not m.flat else self.n_experts
             if rows > self.n_experts:
                 out[f"{self.name}.{m.param}"] = (rows - self.n_experts) * w[0].numel()
         return out
 
     def parameters(self) -> list[nn.Parameter]:
-        return [_get(self.module, p) for m in self.layout.matrices for p in (m.param, m.bias) if p]
+        return [attribute_at(self.module, p) for m in self.layout.matrices for p in (m.param, m.bias) if p]
 
     def attach(self, recorder: Recorder) -> list:
         return [self.shape.attach(), _patch_forward(self.module, self._forward(recorder))]
@@ -296,7 +298,7 @@ def _with_ones(x: torch.Tensor, m: ExpertMatrix) -> torch.Tensor:
 
 
 def _act(module: nn.Module, path: str):
-    return F.gelu if path == "gelu" else _get(module, path)
+    return F.gelu if path == "gelu" else attribute_at(module, path)
 
 
 def _apply_gate(module: nn.Module, act: str):
@@ -344,21 +346,21 @@ class TrackedRouter(TrackedModule):
 
     def __init__(self, name: str, module: nn.Module, block: nn.Module, weight_path: str = "weight"):
         super().__init__(name, module)
-        w = _get(module, weight_path)
+        w = attribute_at(module, weight_path)
         if not isinstance(w, torch.Tensor) or w.dim() != 2:
             raise UnknownArchitectureError(
                 f"router {name!r} ({type(module).__name__}) has no 2-D weight at {weight_path!r}; leave routers "
                 "out (lm_modules(..., routers=False))"
             )
         self.weight_path = weight_path
-        owner = _get(module, weight_path.rpartition(".")[0]) if "." in weight_path else module
-        self.bias_path = _join(weight_path.rpartition(".")[0], "bias")
+        owner = attribute_at(module, weight_path.rpartition(".")[0]) if "." in weight_path else module
+        self.bias_path = join_path(weight_path.rpartition(".")[0], "bias")
         self.has_bias = isinstance(getattr(owner, "bias", None), nn.Parameter)
         self.shape = _BatchShape(block)
 
     @property
     def weight(self) -> torch.Tensor:
-        return _get(self.module, self.weight_path)
+        return attribute_at(self.module, self.weight_path)
 
     def blocks(self) -> list[Block]:
         w = self.weight
@@ -367,7 +369,7 @@ class TrackedRouter(TrackedModule):
         return [Block(self.name, w.shape[0], w.shape[1] + int(self.has_bias), names, n)]
 
     def parameters(self) -> list[nn.Parameter]:
-        return [self.weight] + ([_get(self.module, self.bias_path)] if self.has_bias else [])
+        return [self.weight] + ([attribute_at(self.module, self.bias_path)] if self.has_bias else [])
 
     def attach(self, recorder: Recorder) -> list:
         w = self.weight
@@ -466,9 +468,6 @@ def routed_token_counts(model: nn.Module, documents, *, loss_fn: Callable | None
     on every document, adds nothing to any score, and has no curvature to fit. Without parameters that require
     gradients, every unpadded routed token counts.
     """
-    from workbench.probes.influence.lm import LMTask
-    from workbench.probes.influence.tasks import to_device
-
     if loss_fn is None:
         loss_fn, mask_fn = LMTask().loss, (LMTask.mask if mask_fn is None else mask_fn)
     counts: dict[int, torch.Tensor] = {}
@@ -566,7 +565,7 @@ def lm_modules(model: nn.Module, *, mlp_linear: bool = True, experts: bool = Tru
             for sub, mod in part.named_modules():
                 if id(mod) in done:
                     continue
-                name = _join(prefix, path, sub)
+                name = join_path(prefix, path, sub)
                 layout = expert_layout(mod)
                 if layout is not None:
                     done |= {id(m) for m in mod.modules()}
@@ -589,11 +588,11 @@ def lm_modules(model: nn.Module, *, mlp_linear: bool = True, experts: bool = Tru
         if routers:
             if adapter.router_weight is None:
                 adapter.router_weight_of(layer.router)  # raises, naming what is missing
-            tracked.append(TrackedRouter(_join(prefix, layer.router_path), layer.router, layer.moe,
+            tracked.append(TrackedRouter(join_path(prefix, layer.router_path), layer.router, layer.moe,
                                          adapter.router_weight))
         if experts and not found_experts:
             raise UnknownArchitectureError(
-                f"the experts of {_join(prefix, layer.moe_path)} ({type(layer.moe).__name__}) are in a layout the "
+                f"the experts of {join_path(prefix, layer.moe_path)} ({type(layer.moe).__name__}) are in a layout the "
                 "workbench cannot track (known: transformers' fused gate_up_proj/up_proj and down_proj, and the "
                 "layouts in workbench.models.experts.EXPERT_LAYOUTS); register theirs with "
                 "workbench.models.experts.register_expert_layout, or leave experts out (lm_modules(..., "

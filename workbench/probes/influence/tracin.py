@@ -19,11 +19,10 @@ from workbench.probes.influence import distributed
 from workbench.probes.influence.fit import fit_factors
 from workbench.probes.influence.scores import pairwise_scores
 from workbench.probes.influence.tracking import TrackedModule
+from workbench.runs import Run
 
 
 def _models(checkpoints, steps, device) -> tuple[int | None, Iterable[nn.Module]]:
-    from workbench.runs import Run
-
     if isinstance(checkpoints, Run):
         chosen = [s for s in checkpoints.steps if steps is None or s in steps]
         if not chosen:

@@ -1,4 +1,5 @@
-"""Linear probes at every layer at once (SPEC section 3; Zhang, Choshen & Andreas, arXiv 2409.02228).
+"""Linear probes at every layer at once (docs/probes.md, "Linear probes"; Zhang, Choshen & Andreas,
+arXiv 2409.02228).
 
 :func:`fit_probes` trains one L2-regularized logistic regression per layer on features ``[layers, samples,
 dim]`` and labels ``[samples]``, with early stopping on a held-out part of the training data. All layers
