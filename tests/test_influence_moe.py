@@ -107,7 +107,7 @@ def test_per_expert_factors_see_only_routed_unpadded_tokens(kind):
     top_k = getattr(model.config, "top_k", None) or getattr(model.config, "num_experts_per_tok")
     # Each real token goes to top_k experts; the router sees every real token once; padding is left out.
     assert int(counts.sum()) == top_k * n_tokens
-    per_expert = [f.n_tokens.get(experts.key(experts.layout.first, e), 0) for e in range(experts.n_experts)]
+    per_expert = [f.n_tokens.get(experts.key(experts.layout.inputs[0].param, e), 0) for e in range(experts.n_experts)]
     assert per_expert == counts.tolist()
     assert f.n_tokens[router.name] == n_tokens
     # The loss reaches every token but each document's last (it predicts nothing): only those decide which

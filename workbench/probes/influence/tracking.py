@@ -43,6 +43,7 @@ class Block:
     parameters: tuple[str, ...]
     n_params: int
     stack: str | None = None  # the stack this block is a member of (see the module docstring), if any
+    counts: tuple[int, ...] | None = None  # elements of each of ``parameters`` it covers, when only slices
 
 
 @dataclass
