@@ -1,13 +1,14 @@
 """Linear probes at every layer at once (SPEC section 3; Zhang, Choshen & Andreas, arXiv 2409.02228).
 
 :func:`fit_probes` trains one L2-regularized logistic regression per layer on features ``[layers, samples,
-dim]`` and labels ``[samples]``, with early stopping on a held-out part of the training data. All layers
-are one batched problem: each step is one batched matrix product over every layer, and each layer keeps
-its own L-BFGS curvature history, step length and stopping point, so a layer that converges or stops early
-does not change the others' result. An iteration reads the features twice (the logits of the search
-direction, then the gradient); the standardization is folded into the parameters, so the features are never
-copied; without early stopping a low-rank preconditioner cuts the iterations a few times over. The
-objective of one layer is, on standardized features,
+dim]`` and labels ``[samples]``, with early stopping on a held-out part of the training data. The layers
+are batched problems: each step is one batched matrix product over the layers of a group (on a GPU every
+layer; on a CPU cache-sized groups, spread over the threads), and each layer keeps its own L-BFGS curvature
+history, step length and stopping point, so a layer that converges or stops early does not change the
+others' result. An iteration reads the features twice (the logits of the search direction, then the
+gradient); the standardization is folded into the parameters, so the features are never copied; without
+early stopping a low-rank preconditioner cuts the iterations a few times over. The objective of one layer
+is, on standardized features,
 
     mean_i CE(x_i W + b, y_i) + l2 / 2 * ||W||²        (the bias is not penalized)
 
@@ -43,7 +44,7 @@ from workbench.errors import InputError, NumericalError
 # --- input checks (at the boundary only) ----------------------------------------------------------------
 
 
-def _as_features(features, name: str = "features", device=None) -> torch.Tensor:
+def _as_features(features, name: str = "features", device=None, check_finite: bool = True) -> torch.Tensor:
     x = features if isinstance(features, torch.Tensor) else torch.as_tensor(np.asarray(features))
     x = x.detach()
     if device is not None:
@@ -58,13 +59,21 @@ def _as_features(features, name: str = "features", device=None) -> torch.Tensor:
     if x.shape[1] == 0 or x.shape[2] == 0:
         raise InputError(f"{name} is empty (shape {tuple(x.shape)}); give at least one sample and one dimension")
     # A sum is finite exactly when every value is (bar overflow) and costs no mask the size of the features.
-    if not bool(torch.isfinite(x.sum())) and bool((bad := ~torch.isfinite(x)).any()):
+    if check_finite and not bool(torch.isfinite(x.sum())):
+        _raise_if_not_finite(x, name)
+    return x
+
+
+def _raise_if_not_finite(x: torch.Tensor, name: str = "features", first_layer: int = 0) -> None:
+    """The error for NaN or infinite values in ``x`` (layers numbered from ``first_layer``); nothing when every
+    value is finite (a sum that overflowed)."""
+    bad = ~torch.isfinite(x)
+    if bool(bad.any()):
         layer, sample, dim = (int(v) for v in bad.nonzero()[0])
         raise InputError(
-            f"{name} hold NaN or infinite values ({int(bad.sum())} of them, the first at layer {layer}, sample "
-            f"{sample}, dim {dim}); capture the hidden states again in float32, or drop those samples"
+            f"{name} hold NaN or infinite values ({int(bad.sum())} of them, the first at layer {first_layer + layer}, "
+            f"sample {sample}, dim {dim}); capture the hidden states again in float32, or drop those samples"
         )
-    return x
 
 
 def _as_labels(labels, n: int, n_classes: int | None, name: str = "labels", device=None) -> tuple[torch.Tensor, int]:
@@ -283,7 +292,13 @@ class _Preconditioner:
         x = prob.x
         if rows.numel() < x.shape[1]:
             with _threads(x.device, prob.threads):
-                x = x[:, rows.sort().values]  # indexing, not index_select: that copies a strided view whole first
+                # Layer by layer: each layer's rows are contiguous even where the layers are not (index_select
+                # on the whole would copy such a strided view first, indexing is several times slower).
+                rows = rows.sort().values
+                sub = x.new_empty(x.shape[0], rows.numel(), x.shape[2])
+                for layer in range(x.shape[0]):
+                    torch.index_select(x[layer], 0, rows, out=sub[layer])
+                x = sub
         dim = x.shape[2]
         k = min(rank, dim)
         inv, mu = prob.inv.double(), raw_mean.double()
@@ -321,12 +336,13 @@ class _Preconditioner:
     @staticmethod
     def _cov_times(x, q, mu, inv, threads: int) -> torch.Tensor:
         """Cov Q [L, D, k] for Q [D, k] or [L, D, k] (float64), over the samples of ``x``: two products with k
-        columns, the mean and scale folded in."""
-        qs = q * inv[:, :, None]  # Q in raw coordinates
-        y = _bmm(qs.transpose(1, 2).float(), x.transpose(1, 2), threads)
-        y = (y - (mu[:, :, None] * qs).sum(1)[:, :, None].float()) / x.shape[1]  # centred, [L, k, m]
-        z = _bmm(y, x, threads).double()
-        return ((z - y.sum(-1).double()[:, :, None] * mu[:, None]) * inv[:, None]).transpose(1, 2)
+        columns, the mean and scale folded in. X Q then Xᵀ(X Q): on the CPU this orientation of the two
+        products is about a third faster than Qᵀ Xᵀ then (Qᵀ Xᵀ) X."""
+        qs = (q * inv[:, :, None]).float()  # Q in raw coordinates
+        y = _bmm(x, qs.expand(x.shape[0], -1, -1), threads)  # [L, m, k]
+        y = (y - (mu[:, :, None] * qs).sum(1)[:, None].float()) / x.shape[1]  # centred
+        z = _bmm(x.transpose(1, 2), y, threads).double()  # [L, D, k]
+        return (z - mu[:, :, None] * y.sum(1).double()[:, None]) * inv[:, :, None]
 
     def __call__(self, q: torch.Tensor) -> torch.Tensor:
         """The approximate inverse Hessian times ``q`` [L, T, K, D+1]."""
@@ -705,14 +721,19 @@ def _map_groups(fit, groups: list[slice], device: torch.device) -> list:
 
 
 def _fit_layers(x, ys, fit_w, val_w, fit_rows, n_classes: int, *, l2, standardize, max_epochs, tol, history,
-                patience, min_delta, seed):
-    """Fit the probes of the layers of ``x`` [L, N, D] together: (theta, epochs, converged, mean, scale)."""
+                patience, min_delta, seed, first_layer: int = 0):
+    """Fit the probes of the layers of ``x`` [L, N, D] (layers ``first_layer``... of the caller's) together:
+    (theta, epochs, converged, mean, scale)."""
     dev = x.device
     L, _, dim = x.shape
     n_val = int((val_w > 0).sum())
     threads = _pass_threads(x.numel())
     with _threads(dev, 1):
         raw_mean, raw_std = _fit_moments(x, (fit_w > 0).float(), threads)
+        # 0 · NaN is NaN: the moments are finite exactly when every value is (bar overflow), so this read of the
+        # features is also the input check.
+        if not bool(torch.isfinite(raw_mean.sum() + raw_std.sum())):
+            _raise_if_not_finite(x, first_layer=first_layer)
         raw_var = raw_std * raw_std
         if standardize:
             mean = raw_mean
@@ -782,7 +803,7 @@ def fit_probes(
         raise InputError(f"val_fraction must be in [0, 1), not {val_fraction}")
     if max_epochs < 1 or patience < 1:
         raise InputError("max_epochs and patience must be at least 1")
-    x = _as_features(features, device=device)
+    x = _as_features(features, device=device, check_finite=False)  # the moments' pass checks (_fit_layers)
     dev = x.device
     L, n, dim = x.shape
     y, n_classes = _as_labels(labels, n, n_classes, device=dev)
@@ -825,7 +846,7 @@ def fit_probes(
     def fit(group: slice):
         return _fit_layers(x[group], ys, fit_w, val_w, perm[n_val:], n_classes, l2=l2, standardize=standardize,
                            max_epochs=max_epochs, tol=tol, history=history, patience=patience, min_delta=min_delta,
-                           seed=seed)
+                           seed=seed, first_layer=group.start)
 
     fits = _map_groups(fit, _layer_groups(x), dev)
     theta, epochs, converged, mean, scale = (torch.cat(parts) for parts in zip(*fits))
