@@ -203,7 +203,7 @@ def test_low_rank_preconditioner_reaches_sklearns_optimum_at_d_768(n):
     # diagonal for the rest (below 48 dims the sketch is the whole covariance), with fewer samples than dims
     # (300) and more (900). Hidden-state-like features: a strong rank-16 part shared by all dims, so the
     # sketch matters: without it (the identity) these fits take 50-57 iterations, with it 15-19.
-    import workbench.probes.linear as linear
+    import workbench.probes.linear.functions as linear
 
     g = torch.Generator().manual_seed(5)
     z = torch.randn(n, 16, generator=g)
