@@ -368,8 +368,8 @@ class _Curvature:
     """The last ``history`` curvature pairs (s, y) of every problem, in the compact form of Byrd, Nocedal &
     Schnabel (1994, eq. 3.13): the inverse-Hessian approximation H (initial matrix ``gamma·P``, P the
     preconditioner) times a vector is then a few batched products whatever the history's length, where the
-    two-loop recursion costs four small operations per pair (each a dispatch of its own, which dominated the
-    fit's time on a CPU). A pair failing the curvature condition is stored as zeros for its problem, with a
+    two-loop recursion costs four small operations per pair (each a dispatch of its own: on a CPU, with ten
+    pairs, a large share of the fit's time). A pair failing the curvature condition is stored as zeros for its problem, with a
     unit diagonal in R, and then contributes nothing. The m × m algebra runs in float64.
     """
 
