@@ -218,20 +218,27 @@ def side_by_side(sides: dict[str, Callable[[], object]], reference: str, *, min_
 def fastest(candidates: dict[str, Callable[[], object]], rounds: int = 3) -> tuple[str, dict[str, float]]:
     """The candidate (a setting of the reference) with the lowest median time, and every candidate's median.
 
-    Each candidate is called once to warm up (worker pools, caches), then timed once; those more than twice
-    as slow as the best are dropped (their one time is what is reported), and the rest run ``rounds`` - 1
-    more interleaved rounds."""
+    Each candidate is called once to warm up (worker pools, caches); those over four times slower than the
+    fastest warm-up are dropped there (a warm-up's one-time costs are smaller than that), the rest are timed
+    in ``rounds`` interleaved rounds, dropping after the first those over twice as slow as the best. A dropped
+    candidate's median is that of the times it has."""
     names = list(candidates)
-    for name in names:
-        candidates[name]()
     times: dict[str, list[float]] = {name: [] for name in names}
+    for name in names:
+        t = time.perf_counter()
+        candidates[name]()
+        times[name].append(time.perf_counter() - t)
+    best = min(v[0] for v in times.values())
+    names = [n for n in names if times[n][0] <= 4 * best]
+    for name in names:
+        times[name].clear()  # warm-up times do not count for those that stay
     for r in range(rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:
             t = time.perf_counter()
             candidates[name]()
             times[name].append(time.perf_counter() - t)
         if r == 0:
-            best = min(v[0] for v in times.values())
+            best = min(times[n][0] for n in names)
             names = [n for n in names if times[n][0] <= 2 * best]
     med = {name: statistics.median(v) for name, v in times.items()}
     return min(names, key=med.get), med
