@@ -50,7 +50,8 @@ test-fast: $(STAMP)
 	WORKBENCH_HOME=$(CURDIR)/.workbench-test WORKBENCH_QUICK=1 $(PY) -m pytest -m "not slow" tests
 
 bench: $(STAMP)
-	for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+	# benchmarks/_*.py are their shared helpers, not benchmarks
+	for b in benchmarks/[!_]*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
 report: $(STAMP)
 	$(VENV)/bin/workbench report notebooks --out reports

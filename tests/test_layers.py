@@ -17,8 +17,8 @@ from tests.conftest import REPO
 #: Low to high; a module may import its own layer and those below. The probe families share one layer but
 #: do not import each other.
 LAYERS = [
-    ["workbench.errors"],
-    ["workbench.samples", "workbench.store", "workbench.stats"],
+    ["workbench.errors", "workbench.checks"],
+    ["workbench.samples", "workbench.store", "workbench.lock", "workbench.stats"],
     ["workbench.models"],
     ["workbench.runs"],
     ["workbench.capture", "workbench.gradients"],

@@ -63,7 +63,7 @@ def test_explicit_layers_and_bad_groups(tiny_run, tmp_path):
     with pytest.raises(InputError, match="does not know its layers"):
         LinearProbeAccuracy().spec()
     samples = tiny_run.samples
-    flat = workbench.SampleSet(ids=samples.ids, groups=["all"] * len(samples), input_ids=samples.input_ids,
+    flat = workbench.SampleSet(ids=samples.ids, groups=["samples"] * len(samples), input_ids=samples.input_ids,
                                targets=samples.targets)
     run = workbench.Run.from_folder(tiny_run.root, samples=flat, store_root=tmp_path)
     with pytest.raises(InputError, match="no task has both"):

@@ -1,4 +1,4 @@
-"""The ``workbench`` command: ``demo``, ``train``, ``measure``, ``report`` and ``numbers``.
+"""The ``workbench`` command: ``demo``, ``train``, ``measure``, ``report``, ``numbers`` and ``store verify``.
 
 Measurements are found through the registry (:func:`workbench.measure.registry`): ``--probe NAME`` takes any
 registered name, ``--option [NAME.]FIELD=VALUE`` sets any of its fields, and the files given with ``--samples``,
@@ -33,6 +33,17 @@ def parse_options(pairs: list[str]) -> list[tuple[str | None, str, object]]:
         except json.JSONDecodeError:
             value = text
         out.append((name or None, field, value))
+    return out
+
+
+def parse_steps(pairs: list[str]) -> dict[str, int]:
+    """``NAME=STEP`` pairs of ``--checkpoint-step`` as a mapping of checkpoint names to steps."""
+    out = {}
+    for pair in pairs:
+        name, sep, step = pair.rpartition("=")
+        if not sep or not name or not step.strip().isdigit():
+            raise InputError(f"--checkpoint-step takes NAME=STEP (a folder name and a step number), not {pair!r}")
+        out[name] = int(step)
     return out
 
 
@@ -170,7 +181,7 @@ def cmd_measure(args) -> None:
     from workbench.runs import Run
     from workbench.samples import read_samples
 
-    run = Run.from_folder(args.run)
+    run = Run.from_folder(args.run, steps=parse_steps(args.checkpoint_step or []) or None)
     names = args.probe or demo_measurements()
     options = parse_options(args.option or [])
     files = {k: getattr(args, k) for k in ("samples", "documents", "queries") if getattr(args, k)}
@@ -185,7 +196,8 @@ def cmd_measure(args) -> None:
     measurements = build_measurements(names, inputs, options)  # checked before the samples are kept
     if "samples" in files:
         _run_samples(run, read_samples(files["samples"], tokenizer)[0], args.overwrite)
-    store = measure(run, measurements, steps=args.step, device=args.device, overwrite=args.overwrite)
+    store = measure(run, measurements, steps=args.step, device=args.device, overwrite=args.overwrite,
+                    truncate=args.truncate, wait=args.wait)
     print(f"store: {store.root}")
 
 
@@ -202,6 +214,30 @@ def cmd_report(args) -> None:
             print(f"report: {render_notebook(nb, out_dir / (nb.stem + '.html')).resolve()}", flush=True)
     else:
         print(f"report: {run_report(Run.from_folder(args.target), args.out, args.probe).resolve()}")
+
+
+def cmd_store_verify(args) -> int:
+    from workbench.store import Store
+
+    from workbench.errors import StoreError
+
+    root = Path(args.store)
+    if (root / "store").is_dir():  # a run folder: its store
+        root = root / "store"
+    elif (root / "run.json").exists() or (root / "samples.parquet").exists() or (root / "config.json").exists():
+        raise StoreError(f"{root} is a run folder without a store: measure it first (workbench measure {root})")
+    store = Store(root)
+    problems = store.verify()
+    fixed = store.repair() if args.repair and problems else []
+    for p in problems:
+        print(f"{'repaired' if p in fixed else 'found'}: {p}")
+    left = [p for p in problems if p not in fixed and p.repairable]
+    if not problems:
+        print(f"store {root}: every part reads and holds what its name says")
+    elif left:
+        print(f"{len(left)} problem(s) left: `workbench store verify {args.store} --repair` removes them (a resume "
+              "measures the removed parts again)")
+    return 1 if left else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -236,7 +272,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="set a measurement's option (repeatable), e.g. tau=0.5 or influence.strategy=kfac")
     m.add_argument("--step", action="append", type=int, help="measure only this checkpoint step (repeatable)")
     m.add_argument("--device", help="cuda or cpu (default: cuda when present)")
-    m.add_argument("--overwrite", action="store_true", help="measure again even if parts exist")
+    m.add_argument("--overwrite", action="store_true",
+                   help="measure again from scratch (the old table stays until the new one is complete)")
+    m.add_argument("--checkpoint-step", action="append", metavar="NAME=STEP",
+                   help="the step of a checkpoint folder whose name does not say it (repeatable), e.g. final-v2=5000")
+    m.add_argument("--truncate", action="store_true",
+                   help="cut samples longer than the model's positions (default: refuse them)")
+    m.add_argument("--wait", action="store_true", help="wait for another process writing the store to finish")
     m.set_defaults(func=cmd_measure)
 
     n = sub.add_parser("numbers", help="the built-in run's quoted numbers, from its store; rewrite or check a README")
@@ -254,6 +296,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out")
     r.add_argument("--probe", action="append", help="only these measurements' sections (repeatable)")
     r.set_defaults(func=cmd_report)
+
+    st = sub.add_parser("store", help="check a run's store")
+    st_sub = st.add_subparsers(dest="store_command", required=True)
+    v = st_sub.add_parser("verify", help="list the parts of a store that cannot be read or hold the wrong rows")
+    v.add_argument("store", help="a run folder (its store/) or a store folder")
+    v.add_argument("--repair", action="store_true", help="remove the bad parts, so that a resume measures them again")
+    v.set_defaults(func=cmd_store_verify)
     return p
 
 
@@ -271,11 +320,11 @@ def main(argv: list[str] | None = None) -> int:
     warnings.showwarning = _show_warning
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        rc = args.func(args)
     except WorkbenchError as exc:
         print(f"workbench: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
-    return 0
+    return rc if isinstance(rc, int) else 0  # a command returns an exit status, or something else on success
 
 
 if __name__ == "__main__":

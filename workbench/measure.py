@@ -28,10 +28,13 @@ What a measurement says about itself:
 - :meth:`~Measurement.section`: its part of the run report; ``view``: its Jupyter view, as
   ``"widgets.<module>:<Class>"`` (``workbench`` never imports ``widgets``; :func:`widgets.view` does).
 
-:func:`measure` settles the measurements on the run, records their options, then loads each checkpoint that one
-of them has not finished, captures once with the union of their specs, writes each part atomically and
-releases the model. Killed and started again, it resumes at the first checkpoint without a part and ends with
-the same tables.
+:func:`measure` settles the measurements on the run, takes the store's writer lock, records each measurement's
+fingerprint (its options, ``version``, and what else changes its numbers: the samples, dtype, autocast and the
+run's model), then loads each checkpoint that one of them has not finished, captures once with the union of
+their specs, writes each part atomically and releases the model. Killed and started again, it resumes at the
+first checkpoint without a part and ends with the same tables; started under another fingerprint, it refuses
+and names the difference. A measurement whose numbers change with the code bumps its ``version``, so that old
+stores are not resumed with new numbers.
 """
 
 from __future__ import annotations
@@ -48,7 +51,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from workbench.capture import Capture, CaptureSpec, capture, default_device
+from workbench.capture import Capture, CaptureSpec, capture, default_device, model_positions, vocab_size
+from workbench.checks import is_integer, plain
 from workbench.errors import InputError
 from workbench.figures import Section
 from workbench.runs import Checkpoint, Run
@@ -103,6 +107,11 @@ class Measurement:
     in_demo: ClassVar[bool] = False
     #: Where its section goes in the run report (smaller first).
     section_order: ClassVar[int] = 100
+    #: Raised when its numbers change with the code: a store measured under another version is not resumed.
+    version: ClassVar[int] = 1
+    #: Whether its numbers depend on the capture (the samples, autocast, truncation); None: when spec() is
+    #: not None. A measurement that captures on its own (spec() None) sets True.
+    captures: ClassVar[bool | None] = None
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
@@ -159,9 +168,9 @@ class Measurement:
 def _option_value(value):
     if isinstance(value, SampleSet):
         return value.digest()  # the samples themselves are too big for options.json; their digest is not
-    if isinstance(value, tuple):
+    if isinstance(value, (tuple, list)):
         return [_option_value(v) for v in value]
-    return value
+    return plain(value)  # np.float32(0.7) is recorded as 0.7, and a resume with 0.7 matches it
 
 
 # --- the registry -------------------------------------------------------------------------------------------
@@ -193,17 +202,24 @@ def measure(
     measurements: Sequence[Measurement | str],
     *,
     samples: SampleSet | None = None,
-    steps: Sequence[int] | None = None,
+    steps: Sequence[int] | int | None = None,
     device=None,
     dtype: torch.dtype | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    truncate: bool = False,
+    wait: bool | float = False,
+    job: str | None = None,
     **capture_kwargs,
 ) -> Store:
     """Measure every checkpoint of ``run`` (or ``steps``) into ``run.store``; returns the store.
 
     ``measurements`` are instances or registered names (measured with their defaults). ``samples`` replaces the
-    run's samples for the capture; ``capture_kwargs`` go to :func:`workbench.capture`.
+    run's samples for the capture; ``truncate`` cuts samples longer than the model's positions instead of
+    refusing them; ``capture_kwargs`` go to :func:`workbench.capture`. ``overwrite`` measures again from scratch
+    into a new table that replaces the old one only once complete. Another process writing the store makes this
+    one fail, or with ``wait`` (True, or seconds) wait for it; ``job`` names the distributed job this process is
+    a rank of (see :mod:`workbench.lock`).
     """
     if not measurements:
         raise InputError("give at least one measurement (e.g. LossAccuracy(), RoutingStats())")
@@ -211,44 +227,74 @@ def measure(
     names = [m.name for m in ms]
     if len(set(names)) != len(names):
         raise InputError(f"measurement names must differ, got {names}")
-    wanted = run.checkpoints
-    if steps is not None:
-        missing = sorted(set(steps) - set(run.steps))
-        if missing:
-            raise InputError(f"run {run.name!r} has no checkpoints at steps {missing}; its steps are {run.steps}")
-        wanted = [c for c in run.checkpoints if c.step in steps]
+    chosen = _steps(run, steps) if steps is not None else set(run.steps)
+    wanted = [c for c in run.checkpoints if c.step in chosen]
     specs = [s for s in (m.spec() for m in ms) if s is not None]
     spec = CaptureSpec()
     for s in specs:
         spec = spec.union(s)
-    if specs and samples is None:
+    if samples is None and any(_captures(m) for m in ms):
         samples = run.samples  # read once, and before anything is written (it raises when the run has none)
-    store = run.store
-    for m in ms:
-        store.begin(m.name, m.options(), overwrite=overwrite)
-        m.begin(store)
     device = torch.device(device) if device is not None else default_device()
-    todo = [c for c in wanted if any(not store.has(m.name, c.step) for m in ms)]
-    bar = tqdm(todo, desc=f"measuring {run.name}", unit="ckpt", disable=not progress)
-    for ckpt in bar:
-        bar.set_postfix(step=ckpt.step)
-        model = ckpt.load(device=device, dtype=dtype)
-        cap = ctx = None
-        try:
-            cap = capture(model, samples, spec, device=device, **capture_kwargs) if specs else None
-            ctx = StepContext(run, ckpt, model, device, store, progress, samples)
-            for m in ms:
-                if not store.has(m.name, ckpt.step):
-                    store.write(m.name, ckpt.step, m.measure(cap, ctx))
-        finally:
-            del model, cap, ctx
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-    for m in ms:
-        final = m.finalize(store, run)
-        if final is not None:
-            store.write_final(m.name, final)
+    autocast = capture_kwargs.get("autocast")
+    common = {"model": run.identity(), "dtype": None if dtype is None else str(dtype)}
+    capturing = {"samples": samples.digest() if samples is not None else None, "truncate": bool(truncate),
+                 "autocast": bool(device.type == "cuda" if autocast is None else autocast)}
+    store = run.store
+    with store.lock(wait=wait, job=job):
+        for m in ms:
+            fp = {"version": m.version, **common, **(capturing if _captures(m) else {})}
+            store.begin(m.name, m.options(), overwrite=overwrite, fingerprint=fp)
+            m.begin(store)
+        todo = [c for c in wanted if any(not store.has(m.name, c.step) for m in ms)]
+        bar = tqdm(todo, desc=f"measuring {run.name}", unit="ckpt", disable=not progress)
+        fitted: dict[tuple, SampleSet] = {}
+        for ckpt in bar:
+            bar.set_postfix(step=ckpt.step)
+            model = ckpt.load(device=device, dtype=dtype)
+            cap = ctx = None
+            try:
+                given = samples
+                if specs:  # checked against the model (vocabulary, positions) once per shape of model
+                    limits = (vocab_size(model), model_positions(model))
+                    if limits not in fitted:
+                        fitted[limits] = samples.fit(*limits, truncate=truncate)
+                    given = fitted[limits]
+                    cap = capture(model, given, spec, device=device, progress=progress, **capture_kwargs)
+                ctx = StepContext(run, ckpt, model, device, store, progress, given)
+                for m in ms:
+                    if not store.has(m.name, ckpt.step):
+                        store.write(m.name, ckpt.step, m.measure(cap, ctx))
+            finally:
+                del model, cap, ctx
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+        for m in ms:
+            final = m.finalize(store, run)
+            if final is not None:
+                store.write_final(m.name, final)
+        for m in ms:
+            store.commit(m.name)  # an overwrite's new table replaces the old one only now, complete
     return store
+
+
+def _captures(m: Measurement) -> bool:
+    return m.captures if m.captures is not None else m.spec() is not None
+
+
+def _steps(run: Run, steps: Sequence[int] | int) -> set[int]:
+    """``steps`` checked against the run's: integers, at least one, each a checkpoint of the run."""
+    steps = [steps] if is_integer(steps) else list(steps)
+    if not steps:
+        raise InputError(f"steps is empty, so nothing would be measured; give some of the run's steps {run.steps}, "
+                         "or steps=None for all")
+    bad = [s for s in steps if not is_integer(s)]
+    if bad:
+        raise InputError(f"steps are checkpoint steps (integers), not {bad}; the run's steps are {run.steps}")
+    missing = sorted({plain(s) for s in steps} - set(run.steps))
+    if missing:
+        raise InputError(f"run {run.name!r} has no checkpoints at steps {missing}; its steps are {run.steps}")
+    return {plain(s) for s in steps}
 
 
 __all__ = ["Measurement", "StepContext", "demo_measurements", "measure", "measurement_class", "registry",

@@ -25,6 +25,7 @@ import numpy as np
 import polars as pl
 import torch
 
+from workbench.checks import is_integer
 from workbench.errors import InputError
 
 BINNINGS = ("uniform", "quantile")
@@ -117,7 +118,7 @@ def _inputs(conf, correct, *, binary: bool = False) -> tuple[torch.Tensor, torch
 
 
 def _check_bins(n_bins: int, binning: str) -> None:
-    if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 1:
+    if not is_integer(n_bins) or n_bins < 1:
         raise InputError(f"n_bins must be a positive integer, not {n_bins!r}")
     if binning not in BINNINGS:
         raise InputError(f"binning must be one of {BINNINGS}, not {binning!r}")
@@ -361,7 +362,7 @@ def bootstrap_ci(metric: Callable | str, conf, correct, n: int = 1000, level: fl
         if metric not in METRICS:
             raise InputError(f"unknown metric {metric!r}; give a function or one of {sorted(METRICS)}")
         metric = METRICS[metric]
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+    if not is_integer(n) or n < 1:
         raise InputError(f"n (the number of resamples) must be a positive integer, not {n!r}")
     if not 0 < level < 1:
         raise InputError(f"level must lie strictly between 0 and 1 (e.g. 0.95), not {level!r}")

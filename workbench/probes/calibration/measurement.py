@@ -24,6 +24,7 @@ import polars as pl
 import torch
 
 from workbench.capture import Capture
+from workbench.checks import is_integer
 from workbench.errors import InputError
 from workbench.figures import Section
 from workbench.measure import Measurement, StepContext
@@ -58,7 +59,7 @@ class Calibration(Measurement):
     def __post_init__(self) -> None:
         if self.binning not in cal.BINNINGS:
             raise InputError(f"binning must be one of {cal.BINNINGS}, not {self.binning!r}")
-        if isinstance(self.n_bins, bool) or not isinstance(self.n_bins, int) or self.n_bins < 1:
+        if not is_integer(self.n_bins) or self.n_bins < 1:
             raise InputError(f"n_bins must be a positive integer, not {self.n_bins!r}")
         if self.bootstrap < 0:
             raise InputError("bootstrap is the number of resamples (0 to skip intervals); it cannot be negative")

@@ -84,6 +84,7 @@ class Forgetting(Measurement):
 
     name = "forgetting"
     section_order = 70
+    captures = True  # its own capture per option (option_probs): its numbers depend on the samples
 
     task: str | None = None
     n: int | None = None
@@ -129,7 +130,8 @@ class Forgetting(Measurement):
         samples = ctx.samples
         first = ctx.step == ctx.run.steps[0]
         layers = (self.variability_layer,) if first else ()
-        probs, hidden = option_probs(ctx.model, samples, self.choices, hidden_layers=layers, device=ctx.device)
+        probs, hidden = option_probs(ctx.model, samples, self.choices, hidden_layers=layers, device=ctx.device,
+                                     progress=ctx.progress)
         answers = torch.tensor([t[scored_position(t, i)] for t, i in zip(samples.targets, samples.ids)])
         right = (self.choices == answers[:, None]).long().argmax(1)
         rows = [choice_metrics(probs, right, samples.groups)]

@@ -169,7 +169,7 @@ class Influence(Measurement):
         return None  # fits and scores on the loaded model (ctx.model), no capture
 
     def begin(self, store: Store) -> None:
-        folder = store.root / self.name
+        folder = store.folder(self.name)  # during an overwrite, the new table's folder
         write_parquet_atomic(_info_frame(self.documents, "doc_id", self.tokenizer, self.document_info),
                              folder / "documents.parquet")
         write_parquet_atomic(_info_frame(self.queries, "query_id", self.tokenizer, self.query_info),
@@ -177,7 +177,7 @@ class Influence(Measurement):
 
     def measure(self, cap: None, ctx: StepContext) -> pl.DataFrame:
         model = ctx.model
-        arch_file = ctx.store.root / self.name / "architecture.json"
+        arch_file = ctx.store.folder(self.name) / "architecture.json"
         arch = architecture(model) | {"step": ctx.step}
         if arch_file.exists():
             _same_architecture(json.loads(arch_file.read_text()), arch, ctx.step)

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from workbench.checks import is_number
 from workbench.errors import InputError
 from workbench.probes.influence import distributed
 from workbench.probes.influence.fit import fit_factors
@@ -59,7 +60,7 @@ def tracin_scores(
     (default: every nn.Linear).
     """
     n, models = _models(checkpoints, steps, device)
-    if isinstance(learning_rates, (int, float)):
+    if is_number(learning_rates):
         rates = [float(learning_rates)] * n
     else:
         rates = [float(r) for r in learning_rates]

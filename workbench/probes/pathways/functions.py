@@ -23,6 +23,7 @@ import torch
 from rapidfuzz import process
 from rapidfuzz.distance import Levenshtein
 
+from workbench.checks import is_number
 from workbench.errors import InputError, NumericalError
 from workbench.stats import correlation
 
@@ -142,7 +143,7 @@ def check_routing_weights(weights: torch.Tensor, atol: float = 1e-3) -> None:
 
 
 def check_tau(tau: float) -> None:
-    if not (isinstance(tau, (int, float)) and 0 < tau <= 1):
+    if not (is_number(tau) and 0 < tau <= 1):
         raise InputError(f"tau must be in (0, 1], got {tau!r}; the study used 0.5 to 0.8 (default 0.7)")
 
 

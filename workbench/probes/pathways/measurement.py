@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from workbench.capture import Capture, CaptureSpec
-from workbench.errors import InputError, NotMoEError
+from workbench.errors import InputError, NotMoEError, UnknownArchitectureError
 from workbench.figures import Section
 from workbench.measure import Measurement, StepContext, setting
 from workbench.probes.pathways import figures
@@ -48,7 +48,10 @@ class RoutingPathways(Measurement):
 
     tau: cumulative routing weight a layer's pathway must exceed (study: 0.7; also 0.5, 0.6, 0.8).
     unit: ``"char"`` (text form, the study's magnitudes) or ``"expert"`` ((layer, expert) symbols).
-    routing_weights: ``"softmax"`` (all experts, the default) or ``"topk"`` (after top-k renormalization).
+    routing_weights: ``"scores"`` (default: the model's own scores of all experts as a distribution, the SPEC's
+        router softmax for softmax routers, the sigmoid scores normalized to sum 1 for sigmoid routers),
+        ``"topk"`` (the weights the model applies to its selected experts, normalized per token to sum 1), or
+        ``"softmax"`` (``"scores"``, for softmax routers only).
     max_pairs, seed: a group with more pairs is averaged over this many pairs drawn with ``seed``, the same
         pairs at every checkpoint. normalize: divide each distance by the longer pathway's length.
     per_sample: keep per-sample rows (needed for the memorized-at groups).
@@ -71,7 +74,7 @@ class RoutingPathways(Measurement):
 
     tau: float = 0.7
     unit: str = "char"
-    routing_weights: str = "softmax"
+    routing_weights: str = "scores"
     max_pairs: int | None = 200_000
     seed: int = 0
     normalize: bool = False
@@ -114,6 +117,9 @@ class RoutingPathways(Measurement):
     def measure(self, cap: Capture, ctx: StepContext) -> pl.DataFrame:
         if cap.routing is None or cap.routing.shape[1] == 0:
             raise NotMoEError("the capture holds no routing; the pathways measurement needs an MoE model")
+        if cap.router_matrices is None and cap.routing.shape[1] >= 2:
+            raise UnknownArchitectureError(f"pathway consistency needs each layer's router matrix: "
+                                           f"{cap.no_router_matrices}")
         paths = P.pathways(cap.routing, self.tau)
         texts = paths.texts()
         n_layers = cap.routing.shape[1]

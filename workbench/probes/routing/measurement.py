@@ -24,10 +24,12 @@ def entropy(p: torch.Tensor, dim: int = -1) -> torch.Tensor:
 @dataclass(frozen=True)
 class RoutingStats(Measurement):
     """Per MoE layer and group: expert-load entropy (of the top-k choices), importance entropy (of the mean
-    softmax), mean per-sample routing entropy, and each expert's share of the load.
+    routing weights), mean per-sample routing entropy, and each expert's share of the load.
 
-    routing_weights: ``"softmax"`` (the router's softmax over all experts) or ``"topk"`` (the model's own
-        top-k weights), averaged over each sample's tokens.
+    routing_weights: ``"scores"`` (default: the model's own expert scores as a distribution: softmax
+        probabilities, or sigmoid scores normalized to sum 1, as the router scores), ``"topk"`` (the weights it
+        applies to its selected experts, normalized per token) or ``"softmax"`` (``"scores"``, for softmax
+        routers only); see :class:`~workbench.capture.CaptureSpec`.
     """
 
     name = "routing"
@@ -35,7 +37,10 @@ class RoutingStats(Measurement):
     in_demo = True
     section_order = 20
 
-    routing_weights: str = "softmax"
+    routing_weights: str = "scores"
+
+    def __post_init__(self) -> None:
+        CaptureSpec(routing_weights=self.routing_weights)  # validates the choice
 
     def spec(self) -> CaptureSpec:
         return CaptureSpec(routing=True, routing_weights=self.routing_weights, expert_load=True)
