@@ -1,0 +1,87 @@
+"""Gradient coherence's cost per checkpoint against one plain backward pass over the same samples.
+
+Both sides run side by side in one process on the same thread budget, in interleaved rounds (``_timing``), on
+the same samples in the same length-bucketed batches:
+- coherence: the ``coherence`` measurement's work at one checkpoint (every set: the train and test groups and
+  the random-label copy of train; per-example gradient sums of every tracked matrix, the rows it stores);
+- plain backward: for each of those sets, the forward pass, the same per-example losses summed, and
+  ``loss.backward()`` into every parameter's ``.grad``: what one ordinary gradient computation over the same
+  samples costs.
+Cases: the built-in MoE model (demo shape, modular addition, 961 samples, 1,441 with the control) and a tiny
+random-weight OLMoE (8 layers, 16 experts, d=64) on 512 random token sequences of 16 to 64 tokens. Target <= 1.5.
+
+    python benchmarks/coherence.py [--threads N] [--tiny]
+"""
+
+from __future__ import annotations
+
+import torch
+
+import _timing
+from workbench import SampleSet
+from workbench.measure import StepContext
+from workbench.probes.coherence import GradientCoherence
+from workbench.probes.coherence.passes import per_sample_loss
+from workbench.samples import length_buckets
+
+
+def plain_backward(model, sets, token_budget, max_batch):
+    model.zero_grad(set_to_none=True)
+    for _, _, samples in sets:
+        for idx in length_buckets(samples.lengths, token_budget, max_batch):
+            x, y, mask = samples.padded(idx)
+            loss, _ = per_sample_loss(model(input_ids=x, attention_mask=mask).logits, y)
+            loss.sum().backward()
+
+
+def compare(model, samples, limits: dict) -> _timing.Comparison:
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    m = GradientCoherence()
+    ctx = StepContext(run=None, checkpoint=None, model=model, device=torch.device("cpu"), store=None, progress=False,
+                      given_samples=samples)
+    sets = m.sets(samples)
+    return _timing.side_by_side({
+        "coherence": lambda: m.measure(None, ctx),
+        "plain backward": lambda: plain_backward(model, sets, m.token_budget, m.max_batch),
+    }, "plain backward", **({"min_time": 0.25} | limits))
+
+
+def builtin_case(tiny: bool):
+    from workbench import toys
+
+    cfg = toys.DEMO
+    torch.manual_seed(0)
+    model = toys.ToyMoETransformer(cfg.model_config())
+    samples = toys.modular_addition(cfg.p, cfg.train_fraction)
+    return model, samples.select(range(0, len(samples), 8)) if tiny else samples
+
+
+def olmoe_case(n: int):
+    from transformers import OlmoeConfig, OlmoeForCausalLM
+
+    torch.manual_seed(0)
+    cfg = OlmoeConfig(vocab_size=1024, hidden_size=64, intermediate_size=64, num_hidden_layers=8,
+                      num_attention_heads=4, num_key_value_heads=4, num_experts=16, num_experts_per_tok=4,
+                      max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    model = OlmoeForCausalLM(cfg)
+    g = torch.Generator().manual_seed(0)
+    tokens = [torch.randint(3, 1024, (int(k),), generator=g).tolist() for k in torch.randint(16, 65, (n,), generator=g)]
+    groups = ["train" if i % 2 == 0 else "test" for i in range(n)]
+    return model, SampleSet.from_token_lists(tokens, groups=groups)
+
+
+def main():
+    args = _timing.arguments(__doc__).parse_args()
+    _timing.set_thread_budget(args.threads)
+    _timing.header(f"gradient coherence per checkpoint / plain backward (torch {torch.__version__}, CPU)", args.threads)
+    for name, (model, samples) in (("built-in MoE", builtin_case(args.tiny)), ("tiny OLMoE", olmoe_case(32 if args.tiny else 512))):
+        cmp = compare(model, samples, _timing.limits(args))
+        _timing.report(f"coherence / plain backward, {name} ({len(samples)} samples + control)", cmp, "coherence",
+                       target="<= 1.5")
+    _timing.footer()
+
+
+if __name__ == "__main__":
+    main()
