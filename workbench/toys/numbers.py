@@ -285,6 +285,9 @@ def _coherence_numbers(store, ph: dict) -> dict[str, Number]:
             out[f"{prefix}_{name}_plateau"] = _num(ex["plateau_mean"], ".2f")
             out[f"{prefix}_{name}_max"] = _num(ex["max"]["value"], ".1f")
             out[f"{prefix}_{name}_max_step"] = _step(ex["max"]["step"])
+        ex = w["extremes"]
+        out[f"{prefix}_control_vs_train"] = _text(
+            "above" if ex["random"]["plateau_mean"] > ex["train"]["plateau_mean"] else "below")
         low = w["extremes"]["train"]["min_until_memorized"]
         out |= {f"{prefix}_train_low": _num(low["value"], ".2f"), f"{prefix}_train_low_step": _step(low["step"])}
         for name, r in w["correlation_with_test_accuracy"].items():
@@ -298,19 +301,22 @@ def _representation_numbers(store, ph: dict) -> dict[str, Number]:
     s = representation_findings.phase_summary(store.table("representations", final=False),
                                               store.table("representations", final=True))
     out = {"rep_k": _step((store.options("representations") or {}).get("k", 10))}
-    for layer, p in s["test_purity"].items():
-        out |= {f"rep_purity_L{layer}_{k}": _num(p[k], ".2f")
-                for k in ("first", "memorized", "half", "generalized", "last", "chance")}
-        out |= {f"rep_purity_L{layer}_pearson": _text(_sign(p["pearson"])),
-                f"rep_purity_L{layer}_spearman": _text(_sign(p["spearman"]))}
+    phases = ("first", "memorized", "half", "generalized", "last")
+    purity, last = s["test_purity"], s["layers"][-1]
+    out |= {f"rep_purity_{k}": _num(purity[last][k], ".2f") for k in (*phases, "chance")}
+    out |= {f"rep_purity_{m}": _text(_sign(purity[last][m])) for m in ("pearson", "spearman")}
+    out["rep_last_block"] = _step(last)
+    for k in phases:  # over the blocks, by block number: the shape may change with the run
+        out[f"rep_purity_blocks_{k}"] = _text(", ".join(f"L{layer} {p[k]:.2f}" for layer, p in purity.items()))
     fo = s.get("fourier")
     if fo:
         out |= {"rep_fourier_layer": _step(fo["layer"]), "rep_fourier_n": _step(fo["n_frequencies"]),
                 "rep_fourier_shuffled": _num(fo["shuffled"], ".1f"),
-                "rep_fourier_keys": _text(", ".join(f"{k} ({v:.2f})" for k, v in fo["key_frequencies"]))}
+                "rep_fourier_keys": _text(", ".join(f"{k} ({v:.2f})" for k, v in fo["key_frequencies"])),
+                "rep_fourier_blocks_last": _text(", ".join(f"L{layer} {v:.1f}" for layer, v
+                                                           in fo["layers_effective_last"].items()))}
         out |= {f"rep_fourier_{k}": _num(v, ".1f") for k, v in fo["effective"].items()}
         out |= {f"rep_fourier_test_{k}": _num(v, ".1f") for k, v in fo["test_effective"].items()}
-        out |= {f"rep_fourier_L{layer}_last": _num(v, ".1f") for layer, v in fo["layers_effective_last"].items()}
         if "layout_angle" in fo:
             for k, (step, r, freq) in fo["layout_angle"].items():
                 out |= {f"rep_angle_{k}": _num(r, ".2f"), f"rep_angle_{k}_step": _step(step),
