@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 import _timing
+import capture
 from workbench import SampleSet
 from workbench.measure import StepContext
 from workbench.probes.coherence import GradientCoherence
@@ -59,17 +60,9 @@ def builtin_case(tiny: bool):
 
 
 def olmoe_case(n: int):
-    from transformers import OlmoeConfig, OlmoeForCausalLM
-
-    torch.manual_seed(0)
-    cfg = OlmoeConfig(vocab_size=1024, hidden_size=64, intermediate_size=64, num_hidden_layers=8,
-                      num_attention_heads=4, num_key_value_heads=4, num_experts=16, num_experts_per_tok=4,
-                      max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    model = OlmoeForCausalLM(cfg)
-    g = torch.Generator().manual_seed(0)
-    tokens = [torch.randint(3, 1024, (int(k),), generator=g).tolist() for k in torch.randint(16, 65, (n,), generator=g)]
-    groups = ["train" if i % 2 == 0 else "test" for i in range(n)]
-    return model, SampleSet.from_token_lists(tokens, groups=groups)
+    model, samples = capture.olmoe_case(n)  # the capture benchmark's tiny OLMoE and sequences, split in two groups
+    return model, SampleSet.from_token_lists(list(samples.input_ids),
+                                             groups=["train" if i % 2 == 0 else "test" for i in range(n)])
 
 
 def main():

@@ -116,7 +116,8 @@ def test_measure_and_report_user_checkpoints_with_a_samples_file(tmp_path, capsy
                                                                   ("train", "random"), ("all", "true")}
     assert coh["step"].unique().sort().to_list() == [0, 100]
     emb = run.store.table("representations", final=True).filter(pl.col("metric") == "embedding")
-    assert emb["step"].unique().sort().to_list() == [0, 100] and "on a mat sat the cat red" in emb["text"].to_list()
+    assert emb["step"].unique().sort().to_list() == [0, 100] and any(
+        "on a mat sat the cat red" in t for t in emb["text"].to_list())
     # the stored losses are the model's own: a text scores every next token, a prompt only its completion
     from transformers import AutoModelForCausalLM
 

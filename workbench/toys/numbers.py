@@ -274,8 +274,10 @@ def _pathway_numbers(store, ph: dict) -> dict[str, Number]:
 def _coherence_numbers(store, ph: dict) -> dict[str, Number]:
     if "coherence" not in store.probes():
         return {}
-    s = coherence_findings.phase_summary(store.table("coherence", final=False))
+    table = store.table("coherence", final=False)
+    s = coherence_findings.phase_summary(table)
     out = {"coh_m": _step(s["m"]["train"]), "coh_mem_step": _step(s["steps"]["memorized"]),
+           "coh_checkpoints": _step(table["step"].n_unique()),
            "coh_gen_step": _step(s["steps"]["generalized"])}
     for where, prefix in (("blocks", "coh"), ("all", "coh_all")):
         w = s[where]
