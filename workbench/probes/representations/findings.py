@@ -133,8 +133,11 @@ def summary_text(table: pl.DataFrame, final: pl.DataFrame | None = None) -> str:
         text += (f" The answer means after block {fo['layer']} spread their variance over "
                  + ", ".join(f"{f(fo['effective'][k], '.1f')}" for k, _ in marks)
                  + f" Fourier frequencies (effective number, of {fo['n_frequencies']}; {f(fo['shuffled'], '.1f')} with "
-                   f"the answers' order shuffled) at those steps: at the end the frequencies {keys} hold most of it, "
-                   "so the answers lie on a few circles, as in the modular-addition solution.")
+                   f"the answers' order shuffled) at those steps: at the end the frequencies {keys} hold most of it")
+        last_eff = fo["effective"]["last"]
+        # a third of the shuffled level or less: the variance sits on a few frequencies, not on noise
+        text += (", so the answers lie on a few circles, as in the modular-addition solution."
+                 if last_eff <= fo["shuffled"] / 3 else ", too many for a clear circular structure yet.")
         if "layout_angle" in fo:
             (s0, r0, _), (s1, r1, k1) = fo["layout_angle"]["first"], fo["layout_angle"]["last"]
             text += (f" In the 2-D layout of that block the answers go round in order (angle agreement, 1 = a "
