@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from workbench.errors import InputError
-from workbench.probes.confidence import (
+from workbench.probes.calibration.confidence import (
     choice_confidence,
     multiple_choice,
     option_probabilities,
@@ -17,7 +17,7 @@ from workbench.probes.confidence import (
     self_consistency,
     softmax_confidence,
 )
-from workbench.toys.model import ToyConfig, ToyMoETransformer
+from workbench.models.toy import ToyConfig, ToyMoETransformer
 
 
 @pytest.fixture(scope="module")

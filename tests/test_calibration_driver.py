@@ -10,7 +10,7 @@ import torch
 from workbench import LossAccuracy, Run, capture, measure
 from workbench.errors import InputError, StoreError
 from workbench.probes import calibration as cal
-from workbench.probes.calibration_driver import SCALARS, Calibration, scalar_table, transition_summary
+from workbench.probes.calibration.measurement import SCALARS, Calibration, scalar_table, transition_summary
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +93,7 @@ def test_a_group_answered_all_right_stores_nan_auroc_without_crashing(tiny_run):
 def test_figures_leave_undefined_values_as_gaps(tmp_path):
     from workbench import Store
     from workbench.capture import Capture
-    from workbench.figures.calibration import calibration_at_step, calibration_over_steps, reliability_diagram
+    from workbench.probes.calibration.figures import calibration_at_step, calibration_over_steps, reliability_diagram
 
     store = Store(tmp_path, run="r")
     for step, acc in ((0, [1.0, 0, 1, 0]), (10, [1.0, 1, 1, 0])):
@@ -123,7 +123,7 @@ def test_transition_summary_finds_the_landmarks(measured):
 
 # --- figures, view, report ----------------------------------------------------------------------------------------
 def test_reliability_figure_shows_the_stored_bins(measured):
-    from workbench.figures.calibration import reliability_diagram
+    from workbench.probes.calibration.figures import reliability_diagram
 
     table = measured.store.table("calibration")
     step = measured.steps[-1]
@@ -138,7 +138,7 @@ def test_reliability_figure_shows_the_stored_bins(measured):
 
 def test_slider_frames_keep_the_same_traces(measured):
     from workbench import figures
-    from workbench.figures.calibration import calibration_at_step, calibration_over_steps
+    from workbench.probes.calibration.figures import calibration_at_step, calibration_over_steps
 
     table = measured.store.table("calibration")
     fig = figures.with_slider(lambda s: calibration_at_step(table, step=s), measured.steps)

@@ -10,7 +10,7 @@ import workbench
 from workbench.errors import InputError
 from workbench.probes import forgetting as fg
 from workbench.toys import tasks as toy_tasks
-from workbench.toys.model import ToyConfig, ToyMoETransformer
+from workbench.models.toy import ToyConfig, ToyMoETransformer
 
 
 def _tiny_model(seed=0):
@@ -124,7 +124,7 @@ def test_forget_saves_a_run_of_checkpoints(tiny_forgetting):
 
 
 def test_forgetting_run_is_a_run_the_other_probes_accept(tiny_forgetting):
-    from workbench.probes.linear_driver import LinearProbeAccuracy
+    from workbench.probes.linear.measurement import LinearProbeAccuracy
 
     _, _, run = tiny_forgetting
     store = workbench.measure(run, [workbench.LossAccuracy(per_sample=False), LinearProbeAccuracy()], progress=False)

@@ -12,7 +12,8 @@ import torch
 from workbench.errors import InputError
 from workbench.probes.influence.findings import same_answer_share
 from workbench.probes.influence.moe import IdleExpertsWarning
-from workbench.probes.influence.over_checkpoints import grokking_influence, influence_tables, phase_steps
+from workbench.probes.influence.measurement import influence_tables
+from workbench.toys.influence import grokking_influence, phase_steps
 from workbench.runs import Run
 
 pytestmark = pytest.mark.usefixtures("one_thread")

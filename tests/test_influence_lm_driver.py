@@ -14,17 +14,13 @@ from workbench.probes.influence import fit_factors, pairwise_scores
 from workbench.probes.influence.findings import correlation_by_type, per_query, summary
 from workbench.probes.influence.lm import LMTask, batches, lm_queries
 from workbench.probes.influence.moe import lm_modules
-from workbench.probes.influence.over_checkpoints import (
-    builtin_influence,
-    influence_tables,
-    measure_influence,
-    score_matrix,
-)
+from workbench.probes.influence.measurement import influence_tables, measure_influence, score_matrix
+from workbench.toys.influence import builtin_influence
 from workbench.runs import Checkpoint, Run
 from workbench.store import Store
 from workbench.toys.corpus import CorpusConfig, make_corpus
 from workbench.toys.lm import LMConfig, completion_correct, lm_corpus, train_lm
-from workbench.toys.model import ToyConfig, ToyMoETransformer
+from workbench.models.toy import ToyConfig, ToyMoETransformer
 
 MICRO = LMConfig(corpus=CorpusConfig(n_entities=4, attributes=("color",), procedural_per_task=50,
                                      n_factual_queries=3, n_reasoning_queries=2),
@@ -215,7 +211,7 @@ def test_findings_by_hand():
 # --- views and report ------------------------------------------------------------------------------------------
 def test_figures_widget_and_report_section(micro_run, tmp_path):
     from widgets import InfluenceBrowser
-    from workbench.figures import influence as figs
+    from workbench.probes.influence import figures as figs
     from workbench.report import SECTIONS, build_sections
 
     assert figs.report_section(Store(tmp_path / "empty"), None) is None
@@ -233,7 +229,7 @@ def test_figures_widget_and_report_section(micro_run, tmp_path):
     assert len(corr.data[0].z) == tables["queries"].height
     sec = figs.report_section(store, run)
     assert sec is not None and sec.title.startswith("Influence")
-    assert "workbench.figures.influence:report_section" in SECTIONS
+    assert "workbench.probes.influence.figures:report_section" in SECTIONS
     assert any(s.title.startswith("Influence") for s in build_sections(store, run))
     view = InfluenceBrowser(run, k=2)
     view.set_query(qid)

@@ -20,7 +20,7 @@ from workbench.probes.influence.moe import (
     routed_token_counts,
 )
 from workbench.probes.influence.tracking import Recorder
-from workbench.toys.model import ToyConfig, ToyMoETransformer
+from workbench.models.toy import ToyConfig, ToyMoETransformer
 from tests.tiny_models import DENSE_KINDS, MOE_KINDS, random_tokens, tiny_model
 
 TASK = LMTask()

@@ -79,7 +79,7 @@ def test_batching_layers_does_not_change_any_layer():
 def test_cpu_layer_groups_change_no_layer(monkeypatch):
     # On a CPU the layers are fitted in cache-sized groups: a budget of one layer's features gives groups of
     # one, two layers' gives groups of 2, 2 and 1; every layer comes out as when all are fitted together.
-    import workbench.probes.linear as linear
+    import workbench.probes.linear.functions as linear
 
     x, y = _data(layers=5, n=300, dim=10, noise=1.5, seed=3)
     layer_bytes = x[0].numel() * x.element_size()

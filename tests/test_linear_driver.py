@@ -8,9 +8,9 @@ import torch
 import workbench
 from workbench.capture import CaptureSpec, capture
 from workbench.errors import InputError
-from workbench.figures import probes as pf
+from workbench.probes.linear import figures as pf
 from workbench.probes.linear import fit_probes
-from workbench.probes.linear_driver import LinearProbeAccuracy, answer_tokens, count_blocks
+from workbench.probes.linear.measurement import LinearProbeAccuracy, answer_tokens, count_blocks
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,8 @@ import torch
 from tests.tiny_models import MOE_KINDS, random_tokens, save_series
 from workbench import CaptureSpec, LossAccuracy, Run, RoutingStats, SampleSet, capture, measure
 from workbench.errors import InputError, NotMoEError, StoreError
-from workbench.probes import pathways as P
-from workbench.probes.pathways_driver import RoutingPathways, rise_mask
+from workbench.probes.pathways import functions as P
+from workbench.probes.pathways.measurement import RoutingPathways, rise_mask
 
 
 @pytest.fixture(scope="module")

@@ -5,10 +5,10 @@ import polars as pl
 import pytest
 
 from workbench import Run, measure
-from workbench.figures import pathways as F
+from workbench.probes.pathways import figures as F
 from workbench.figures import with_slider
 from workbench.probes.pathways import parse_pathway
-from workbench.probes.pathways_driver import RoutingPathways
+from workbench.probes.pathways.measurement import RoutingPathways
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,8 @@ import polars as pl
 import pytest
 
 from workbench import LossAccuracy, RoutingStats, Run, figures, measure
+from workbench.probes.basic.figures import training_curves
+from workbench.probes.routing.figures import routing_at_step
 from workbench.errors import StoreError
 
 
@@ -17,7 +19,7 @@ def measured(tiny_run, tmp_path_factory):
 def test_with_slider_has_one_frame_per_step(measured):
     routing = measured.store.table("routing")
     steps = sorted(routing["step"].unique().to_list())
-    fig = figures.with_slider(lambda s: figures.routing_at_step(routing, step=s), steps)
+    fig = figures.with_slider(lambda s: routing_at_step(routing, step=s), steps)
     assert [f.name for f in fig.frames] == [str(s) for s in steps]
     assert [s["label"] for s in fig.layout.sliders[0].steps] == [str(s) for s in steps]
     # each frame shows its own step's numbers
@@ -28,7 +30,7 @@ def test_with_slider_has_one_frame_per_step(measured):
 
 def test_training_curves_follow_the_table(measured):
     basic = measured.store.table("basic")
-    fig = figures.training_curves(basic, step=measured.steps[2])
+    fig = training_curves(basic, step=measured.steps[2])
     test_acc = [t for t in fig.data if t.name == "test" and t.xaxis == "x"][0]
     want = basic.filter(pl.col("sample_id").is_null() & (pl.col("metric") == "accuracy") & (pl.col("group") == "test"))
     assert list(test_acc.y) == pytest.approx(want.sort("step")["value"].to_list())

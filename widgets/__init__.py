@@ -6,9 +6,9 @@ them out with ipywidgets. This package imports ``workbench``; ``workbench`` neve
 
 from widgets.base import CheckpointView
 from widgets.calibration import ReliabilityView
-from widgets.explorer import CheckpointExplorer
+from widgets.basic import CheckpointExplorer
 from widgets.influence import InfluenceBrowser
 from widgets.pathways import PathwayView
-from widgets.probes import ProbeView
+from widgets.linear import ProbeView
 
 __all__ = ["CheckpointExplorer", "CheckpointView", "InfluenceBrowser", "PathwayView", "ProbeView", "ReliabilityView"]

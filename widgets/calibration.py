@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from workbench.figures import calibration as figs
+from workbench.probes.calibration import figures as figs
 from workbench.runs import Run
 from workbench.store import Store
 from widgets.base import CheckpointView, require_probe

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import ipywidgets as W
 
-from workbench.figures import influence as figs
-from workbench.probes.influence.over_checkpoints import influence_tables
+from workbench.probes.influence import figures as figs
+from workbench.probes.influence.measurement import influence_tables
 from workbench.runs import Run
 from workbench.store import Store
 from widgets.base import CheckpointView, require_probe
@@ -22,7 +22,7 @@ class InfluenceBrowser(CheckpointView):
 
     def __init__(self, source: Store | Run | str, query: str | None = None, step: int | None = None, k: int = 5,
                  name: str = "influence", width: int = 900):
-        store = require_probe(source, name, "workbench.probes.influence.over_checkpoints.measure_influence, "
+        store = require_probe(source, name, "workbench.probes.influence.measurement.measure_influence, "
                                             "or builtin_influence")
         self.store, self.k = store, k
         self.tables = influence_tables(store, name)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipywidgets as W
 import polars as pl
 
-from workbench.figures import pathways as F
+from workbench.probes.pathways import figures as F
 from workbench.runs import Run
 from workbench.store import Store
 from widgets.base import CheckpointView, require_probe

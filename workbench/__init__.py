@@ -6,7 +6,9 @@ Importable without Jupyter; the Jupyter views live in the separate ``widgets`` p
 
 from workbench.capture import Capture, CaptureSpec, capture
 from workbench.errors import WorkbenchError
-from workbench.measure import LossAccuracy, Measurement, RoutingStats, measure
+from workbench.measure import Measurement, measure
+from workbench.probes.basic import LossAccuracy
+from workbench.probes.routing import RoutingStats
 from workbench.runs import Checkpoint, Run
 from workbench.samples import SampleSet
 from workbench.store import Store

@@ -11,11 +11,11 @@ from workbench.errors import InputError, WorkbenchError
 
 #: Measurements the CLI knows by name, as "module:class" so that nothing heavy loads until used.
 MEASUREMENTS: dict[str, str] = {
-    "basic": "workbench.measure:LossAccuracy",
-    "routing": "workbench.measure:RoutingStats",
-    "pathways": "workbench.probes.pathways_driver:RoutingPathways",
-    "calibration": "workbench.probes.calibration_driver:Calibration",
-    "probes": "workbench.probes.linear_driver:LinearProbeAccuracy",
+    "basic": "workbench.probes.basic.measurement:LossAccuracy",
+    "routing": "workbench.probes.routing.measurement:RoutingStats",
+    "pathways": "workbench.probes.pathways.measurement:RoutingPathways",
+    "calibration": "workbench.probes.calibration.measurement:Calibration",
+    "probes": "workbench.probes.linear.measurement:LinearProbeAccuracy",
 }
 #: What ``workbench demo`` measures on the built-in run.
 DEMO_MEASUREMENTS: list[str] = ["basic", "routing", "calibration", "pathways", "probes"]
@@ -37,7 +37,7 @@ def _open_run(path: str):
 def cmd_demo(args) -> Path:
     from workbench import toys
     from workbench.measure import measure
-    from workbench.probes.influence.over_checkpoints import grokking_influence
+    from workbench.toys.influence import grokking_influence
     from workbench.report import run_report
 
     run = toys.ensure_run(quick=args.quick or None, retrain=args.retrain)

@@ -39,60 +39,13 @@ class Section:
 
 #: Section builders ``f(store, run) -> Section | None``, as "module:function"; None means "nothing to show".
 SECTIONS: list[str] = [
-    "workbench.report:training_section",
-    "workbench.report:routing_section",
-    "workbench.figures.pathways:report_section",
-    "workbench.figures.calibration:report_section",
-    "workbench.figures.probes:report_section",
-    "workbench.figures.influence:report_section",
+    "workbench.probes.basic.figures:training_section",
+    "workbench.probes.routing.figures:routing_section",
+    "workbench.probes.pathways.figures:report_section",
+    "workbench.probes.calibration.figures:report_section",
+    "workbench.probes.linear.figures:report_section",
+    "workbench.probes.influence.figures:report_section",
 ]
-
-
-def training_section(store: Store, run=None) -> Section | None:
-    from workbench import figures
-
-    if "basic" not in store.probes():
-        return None
-    basic = store.table("basic")
-    steps = sorted(basic["step"].unique().to_list())
-    sec = Section("Training and test accuracy")
-    acc = basic.filter((basic["metric"] == "accuracy") & basic["sample_id"].is_null())
-    last = acc.filter(acc["step"] == steps[-1])
-    summary = ", ".join(f"{g} {v:.3f}" for g, v in last.select("group", "value").iter_rows() if g != "all")
-    sec.add(f"{len(steps)} checkpoints from step {steps[0]} to {steps[-1]}. Accuracy at the last checkpoint: {summary}.")
-    if run is not None and run.info.get("history"):
-        sec.add(_transition_text(run.info["history"]))
-    sec.add(figures.with_slider(lambda s: figures.training_curves(basic, step=s), steps))
-    return sec
-
-
-def _transition_text(history: list[dict]) -> str:
-    mem = next((h["step"] for h in history if h.get("train_acc", 0) >= 0.99), None)
-    gen = next((h["step"] for h in history if h.get("test_acc", 0) >= 0.95), None)
-    parts = []
-    if mem is not None:
-        test_then = next(h["test_acc"] for h in history if h["step"] == mem)
-        parts.append(f"train accuracy first reached 0.99 at step {mem}, when test accuracy was {test_then:.2f}")
-    if gen is not None:
-        parts.append(f"test accuracy first reached 0.95 at step {gen}")
-    return ("Memorization then generalization: " + "; ".join(parts) + ".") if parts else ""
-
-
-def routing_section(store: Store, run=None) -> Section | None:
-    from workbench import figures
-
-    if "routing" not in store.probes():
-        return None
-    routing = store.table("routing")
-    steps = sorted(routing["step"].unique().to_list())
-    sec = Section("Routing statistics")
-    sec.add(
-        "Expert-load entropy is the entropy of the share of top-k choices each expert receives (log of the "
-        "number of experts when the load is even); importance entropy is that of the mean router softmax."
-    )
-    sec.add(figures.routing_entropy_over_steps(routing, "load_entropy", "all"))
-    sec.add(figures.with_slider(lambda s: figures.routing_at_step(routing, step=s, group="all"), steps))
-    return sec
 
 
 def _load(dotted: str) -> Callable:

@@ -143,7 +143,7 @@ class Checkpoint:
 
 
 def _load_builtin(step_dir: Path) -> nn.Module:
-    from workbench.toys.model import ToyConfig, ToyMoETransformer
+    from workbench.models.toy import ToyConfig, ToyMoETransformer
 
     info = json.loads((step_dir.parent / "run.json").read_text())
     model = ToyMoETransformer(ToyConfig.from_dict(info["model"]))

@@ -12,7 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from workbench.toys.cache import config_folder, ensure_trained, home, pinned_threads, quick_from_env
-from workbench.toys.model import ToyConfig, ToyMoETransformer
+from workbench.models.toy import ToyConfig, ToyMoETransformer
 from workbench.toys.modular import modular_addition
 from workbench.toys.train import GrokConfig, checkpoint_steps, train_modular
 

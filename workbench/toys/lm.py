@@ -1,6 +1,6 @@
 """The built-in language-model run: the MoE transformer pretrained on the synthetic corpus, with checkpoints.
 
-``ensure_lm_run()`` trains a small decoder-only :class:`~workbench.toys.model.ToyMoETransformer` (a learned
+``ensure_lm_run()`` trains a small decoder-only :class:`~workbench.models.toy.ToyMoETransformer` (a learned
 linear router per layer, fused 3-D expert weights) on the documents of :mod:`workbench.toys.corpus` with
 next-token cross-entropy, saves checkpoints in the built-in run format (what :meth:`workbench.Run.from_folder`
 reads), and returns the run; later calls, notebooks and tests reuse it. The folder under
@@ -31,7 +31,7 @@ from workbench.errors import InputError
 from workbench.samples import IGNORE, SampleSet
 from workbench.toys.cache import config_folder, ensure_trained, pinned_threads, quick_from_env
 from workbench.toys.corpus import Corpus, CorpusConfig, WordTokenizer, make_corpus
-from workbench.toys.model import ToyConfig, ToyMoETransformer
+from workbench.models.toy import ToyConfig, ToyMoETransformer
 from workbench.toys.train import RUN_FORMAT, adamw, building, save_checkpoint, train_loop
 
 

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from workbench.probes.forgetting import ChoiceTask, combine, forget, open_forgetting_run, save_choices
 from workbench.samples import IGNORE, SampleSet
 from workbench.toys.cache import config_folder, locked, pinned_threads, quick_from_env
-from workbench.toys.model import ToyConfig, ToyMoETransformer
+from workbench.models.toy import ToyConfig, ToyMoETransformer
 from workbench.toys.train import RUN_FORMAT, adamw, building, checkpoint_steps, save_checkpoint, train_loop
 
 N_CONTENT = 64

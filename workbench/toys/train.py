@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from workbench.samples import SampleSet
 from workbench.toys.cache import pinned_threads
-from workbench.toys.model import ToyConfig, ToyMoETransformer
+from workbench.models.toy import ToyConfig, ToyMoETransformer
 from workbench.toys.modular import modular_addition
 
 RUN_FORMAT = 1

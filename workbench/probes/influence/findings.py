@@ -5,7 +5,7 @@ appears in its top documents, how often a reasoning query's top documents show t
 task, how strongly queries of one type share influential documents (cross-query Pearson correlation), and
 how concentrated influence is (share of positive influence in the top percentiles, power-law slope of the
 sorted scores). These functions compute each of them per checkpoint from the tables that
-:func:`~workbench.probes.influence.over_checkpoints.measure_influence` writes (``influence_tables``), using
+:func:`~workbench.probes.influence.measurement.measure_influence` writes (``influence_tables``), using
 the documents' and queries' information columns when present:
 
 - a query's *type* is its ``kind`` (factual | reasoning) and, for reasoning, its ``task``; else its group;
@@ -21,7 +21,7 @@ import torch
 
 from workbench.errors import InputError
 from workbench.probes.influence.analysis import cross_query_correlation, powerlaw_slope, top_share
-from workbench.probes.influence.over_checkpoints import score_matrix
+from workbench.probes.influence.measurement import score_matrix
 
 
 def query_types(queries: pl.DataFrame) -> pl.DataFrame:
@@ -110,7 +110,7 @@ def same_answer_share(tables: dict, k: int = 10) -> pl.DataFrame:
     """Per (step, query): the share of the query's top ``k`` documents (``top``) and of its bottom ``k``
     (``bottom``) whose ``answer`` equals the query's, beside the share among all documents (``chance``).
 
-    For the built-in modular-addition run (:func:`~workbench.probes.influence.over_checkpoints.grokking_influence`):
+    For the built-in modular-addition run (:func:`~workbench.toys.influence.grokking_influence`):
     does a held-out answer lean on training pairs with the same answer, as a model that computes the sum would,
     or on others, as a lookup would? Needs an ``answer`` column in both information tables."""
     scores, docs, queries = tables["scores"], tables["documents"], tables["queries"]

@@ -106,7 +106,7 @@ class ExpertLayout:
 
 def expert_layout(module: nn.Module) -> ExpertLayout | None:
     """The layout of an experts module, or None when it is not one the workbench knows."""
-    from workbench.toys.model import Experts as BuiltinExperts
+    from workbench.models.toy import Experts as BuiltinExperts
 
     if isinstance(module, BuiltinExperts):
         return ExpertLayout("up_proj", "down_proj", "builtin")

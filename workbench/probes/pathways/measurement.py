@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from workbench.capture import Capture, CaptureSpec
 from workbench.errors import InputError, NotMoEError
 from workbench.measure import Measurement, StepContext
-from workbench.probes import pathways as P
+from workbench.probes.pathways import functions as P
 from workbench.store import Store
 
 SAMPLE_METRICS = ("loss", "accuracy", "consistency", "consistency_raw")

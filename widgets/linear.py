@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ipywidgets as W
 
-from workbench.figures import probes as pf
+from workbench.probes.linear import figures as pf
 from workbench.runs import Run
 from workbench.store import Store
 from widgets.base import CheckpointView, require_probe

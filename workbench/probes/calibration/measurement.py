@@ -25,7 +25,7 @@ import torch
 from workbench.capture import Capture
 from workbench.errors import InputError
 from workbench.measure import Measurement, StepContext
-from workbench.probes import calibration as cal
+from workbench.probes.calibration import functions as cal
 
 SCALARS = ("n", "accuracy", "confidence", "overconfidence", "ece", "mce", "ece_uniform", "ece_quantile", "brier",
            "nll", "auroc", "auprc")

@@ -323,7 +323,7 @@ def _load_source(source) -> nn.Module:
 
 def _saver(model: nn.Module, build):
     """How to save a checkpoint so that Run.from_folder / from_state_dicts reads it, and the run.json to write."""
-    from workbench.toys.model import ToyMoETransformer
+    from workbench.models.toy import ToyMoETransformer
 
     if isinstance(model, ToyMoETransformer):
         from safetensors.torch import save_file

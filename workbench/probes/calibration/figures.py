@@ -202,7 +202,7 @@ def calibration_at_step(table: pl.DataFrame, step: int | None = None, groups: Se
 # --- report section --------------------------------------------------------------------------------------------
 def report_section(store, run=None):
     """The demo report's calibration section (registered in :data:`workbench.report.SECTIONS`)."""
-    from workbench.probes.calibration_driver import transition_summary
+    from workbench.probes.calibration.measurement import transition_summary
     from workbench.report import Section
 
     if "calibration" not in store.probes():

@@ -1,7 +1,7 @@
 """Figures of the influence tables: top and bottom documents, per-token influence, cross-query correlation,
 and the studies' findings per query type over checkpoints.
 
-Builders take the dict :func:`workbench.probes.influence.over_checkpoints.influence_tables` returns (and,
+Builders take the dict :func:`workbench.probes.influence.measurement.influence_tables` returns (and,
 for the findings, the table of :func:`workbench.probes.influence.findings.summary`). Per-step builders keep
 the same traces at every step, so :func:`workbench.figures.with_slider` can animate them in reports.
 """
@@ -164,7 +164,7 @@ def correlation_figure(tables: dict, step: int | None = None, width: int = 620) 
     (factual, then each reasoning task), with lines between the types."""
     from workbench.probes.influence.analysis import cross_query_correlation
     from workbench.probes.influence.findings import query_types
-    from workbench.probes.influence.over_checkpoints import score_matrix
+    from workbench.probes.influence.measurement import score_matrix
 
     step = nearest_step(_steps(tables), step)
     types = dict(query_types(tables["queries"]).iter_rows()) if tables.get("queries") is not None else {}
@@ -255,7 +255,7 @@ def _has_answers(tables: dict) -> bool:
 def report_section(store, run=None):
     """The report's influence section, or None when the store has no influence table."""
     from workbench.probes.influence.findings import summary as findings_summary
-    from workbench.probes.influence.over_checkpoints import influence_tables
+    from workbench.probes.influence.measurement import influence_tables
     from workbench.report import Section
     from workbench.figures import with_slider
 

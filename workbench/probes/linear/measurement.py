@@ -24,8 +24,8 @@ import torch
 from workbench.capture import Capture, CaptureSpec, default_device
 from workbench.errors import InputError
 from workbench.measure import Measurement, StepContext
-from workbench.probes.forgetting import split_group
-from workbench.probes.linear import fit_probes
+from workbench.probes.forgetting.protocol import split_group
+from workbench.probes.linear.functions import fit_probes
 from workbench.runs import Run
 from workbench.samples import IGNORE
 
