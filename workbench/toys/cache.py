@@ -3,8 +3,9 @@
 Every built-in run (modular addition, the forgetting study, the language model) lives in
 ``$WORKBENCH_HOME/runs/<name>-<hash of its settings>`` (default ``~/.cache/workbench``), is built behind a file
 lock so that parallel notebooks or test workers build it once, and is trained on one CPU thread: torch's
-reductions give different bits with different thread counts, so pinning the count makes a rerun give the same
-checkpoints on any machine, and a single thread does not collapse when other processes share the cores.
+reductions give different bits with different thread counts, so pinning the count makes a rerun on the same
+machine give the same checkpoints (CPUs with other instruction sets still round differently), and a single
+thread does not collapse when other processes share the cores.
 """
 
 from __future__ import annotations
@@ -60,10 +61,12 @@ def pinned_threads(n: int = TRAINING_THREADS) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def ensure_trained(folder: Path, train: Callable[[], object], retrain: bool = False) -> Path:
-    """Run ``train()`` to fill ``folder`` unless it holds a finished run already (or ``retrain``), under the
-    folder's lock, so that concurrent callers train once."""
+def ensure_trained(folder: Path, train: Callable[[], object], retrain: bool = False,
+                   stale: Callable[[Path], bool] | None = None) -> Path:
+    """Run ``train()`` to fill ``folder`` unless it holds a finished run already (or ``retrain``, or
+    ``stale(folder)`` says the run there will not do), under the folder's lock, so that concurrent callers
+    train once."""
     with locked(folder):
-        if retrain or not (folder / "run.json").exists():
+        if retrain or not (folder / "run.json").exists() or (stale is not None and stale(folder)):
             train()
     return folder
