@@ -1,22 +1,21 @@
 """Capture overhead: time of `workbench.capture` divided by a bare forward pass over the same batches.
 
-Both are measured side by side in one process, in 21 back-to-back pairs (alternating which runs first),
-and the median of the per-pair ratios is printed, on
+Both are measured side by side in one process on the same thread budget, after a warm-up, in interleaved
+rounds (``_timing``: each timing at least 0.25 s of calls, rounds until the median paired ratio is known to
+±2.5%), and the median of the paired ratios is printed with its quartiles, on
 - the built-in MoE model (demo shape, modular addition, 961 samples), and
 - a tiny random-weight OLMoE (8 layers, 16 experts, d=64) on 512 random token sequences of 16 to 64 tokens.
 The bare forward runs the model under inference_mode on the same length-bucketed, right-padded batches
 with an attention mask; capture adds its router and loss hooks and the per-sample reductions. Target <= 1.05.
 
-    python benchmarks/capture.py
+    python benchmarks/capture.py [--threads N] [--tiny]
 """
 
 from __future__ import annotations
 
-import statistics
-import time
-
 import torch
 
+import _timing
 from workbench import CaptureSpec, SampleSet, capture
 from workbench.samples import length_buckets
 
@@ -29,32 +28,12 @@ def bare_forward(model, samples, token_budget):
             model(input_ids=x, attention_mask=mask).logits
 
 
-def paired_ratios(model, samples, spec, token_budget=16384, repeats=21):
-    """Capture and bare forward timed back to back, alternating which goes first; one ratio per pair.
-
-    The median of paired ratios is steadier than a ratio of two separate minimums: both members of a pair
-    see the same machine state (frequency, caches, other load).
-    """
+def compare(model, samples, spec, limits: dict, token_budget=16384) -> _timing.Comparison:
     model.eval()
-    run_capture = lambda: capture(model, samples, spec, token_budget=token_budget, device="cpu")  # noqa: E731
-    run_bare = lambda: bare_forward(model, samples, token_budget)  # noqa: E731
-    run_capture(), run_bare()  # warm-up
-    t = time.perf_counter()
-    run_bare()
-    number = max(1, round(0.25 / (time.perf_counter() - t)))  # calls per timing: at least ~0.25 s of work
-    ratios, t_cap, t_bare = [], [], []
-    for i in range(repeats):
-        times = {}
-        order = ((run_bare, "bare"), (run_capture, "cap")) if i % 2 == 0 else ((run_capture, "cap"), (run_bare, "bare"))
-        for fn, name in order:
-            t = time.perf_counter()
-            for _ in range(number):
-                fn()
-            times[name] = (time.perf_counter() - t) / number
-        ratios.append(times["cap"] / times["bare"])
-        t_cap.append(times["cap"])
-        t_bare.append(times["bare"])
-    return statistics.median(ratios), statistics.quantiles(ratios, n=4), statistics.median(t_cap), statistics.median(t_bare)
+    return _timing.side_by_side({
+        "capture": lambda: capture(model, samples, spec, token_budget=token_budget, device="cpu"),
+        "bare forward": lambda: bare_forward(model, samples, token_budget),
+    }, "bare forward", **({"min_time": 0.25} | limits))
 
 
 def builtin_case():
@@ -66,7 +45,7 @@ def builtin_case():
     return model, toys.modular_addition(cfg.p, cfg.train_fraction)
 
 
-def olmoe_case():
+def olmoe_case(n: int = 512):
     from transformers import OlmoeConfig, OlmoeForCausalLM
 
     torch.manual_seed(0)
@@ -75,17 +54,19 @@ def olmoe_case():
                       max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     model = OlmoeForCausalLM(cfg)
     g = torch.Generator().manual_seed(0)
-    tokens = [torch.randint(3, 1024, (int(n),), generator=g).tolist() for n in torch.randint(16, 65, (512,), generator=g)]
+    tokens = [torch.randint(3, 1024, (int(n),), generator=g).tolist() for n in torch.randint(16, 65, (n,), generator=g)]
     return model, SampleSet.from_token_lists(tokens)
 
 
 def main():
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU")
+    args = _timing.arguments(__doc__).parse_args()
+    _timing.set_thread_budget(args.threads)
+    _timing.header(f"capture overhead: capture / bare forward (torch {torch.__version__}, CPU)", args.threads)
     spec = CaptureSpec(routing=True, expert_load=True)
-    for name, (model, samples) in (("built-in MoE", builtin_case()), ("tiny OLMoE", olmoe_case())):
-        ratio, (q1, _, q3), cap, bare = paired_ratios(model, samples, spec)
-        print(f"{name:14s} capture {cap * 1e3:8.1f} ms   bare forward {bare * 1e3:8.1f} ms   "
-              f"ratio {ratio:.3f} (median of 21 pairs; quartiles {q1:.3f}-{q3:.3f})")
+    for name, (model, samples) in (("built-in MoE", builtin_case()), ("tiny OLMoE", olmoe_case(32 if args.tiny else 512))):
+        cmp = compare(model, samples, spec, _timing.limits(args))
+        _timing.report(f"capture / bare forward, {name}", cmp, "capture", target="<= 1.05")
+    _timing.footer()
 
 
 if __name__ == "__main__":

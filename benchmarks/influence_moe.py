@@ -21,9 +21,7 @@ process:
 
 from __future__ import annotations
 
-import argparse
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -31,6 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import _timing  # noqa: E402
 from tests.tiny_models import MOE_KINDS, random_tokens, tiny_config  # noqa: E402
 from workbench.probes.influence import fit_factors, pairwise_scores, resolve_modules  # noqa: E402
 from workbench.probes.influence.lm import LMTask, batches, lm_documents  # noqa: E402
@@ -40,19 +39,20 @@ from workbench.models.toy import ToyConfig, ToyMoETransformer  # noqa: E402
 TASK = LMTask()
 
 
-def make_model(kind: str):
+def make_model(kind: str, tiny: bool = False):
     torch.manual_seed(0)
     if kind == "builtin":
         return ToyMoETransformer(ToyConfig(vocab_size=96, n_ctx=64, d_model=64, n_heads=4, n_layers=3, n_experts=8,
                                            top_k=2, d_expert=64, layer_norm=True)).eval()
     from transformers import AutoModelForCausalLM
 
-    cfg = tiny_config(kind)
-    cfg.hidden_size = 64
-    if kind == "qwen2_moe":
-        cfg.moe_intermediate_size = cfg.shared_expert_intermediate_size = 64
-    else:
-        cfg.intermediate_size = 64
+    cfg = tiny_config(kind, n_layers=2 if tiny else 3)
+    if not tiny:
+        cfg.hidden_size = 64
+        if kind == "qwen2_moe":
+            cfg.moe_intermediate_size = cfg.shared_expert_intermediate_size = 64
+        else:
+            cfg.intermediate_size = 64
     model = AutoModelForCausalLM.from_config(cfg).eval()
     with torch.no_grad():  # routers start at zero in some architectures: give them spread
         for name, p in model.named_parameters():
@@ -84,35 +84,27 @@ def dense_equivalent(kind: str, moe_model):
     return tf.AutoModelForCausalLM.from_config(cfg).eval()
 
 
-def timed(model, modules, docs, queries, repeats: int) -> tuple[float, torch.Tensor]:
-    best, scores = float("inf"), None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        f = fit_factors(model, docs, loss_fn=TASK.loss, modules=modules, mask_fn=TASK.mask, progress=False,
-                        report=False)
-        scores = pairwise_scores(model, f, queries, docs, loss_fn=TASK.loss, measurement_fn=TASK.measurement,
-                                 modules=modules, mask_fn=TASK.mask, progress=False)
-        best = min(best, time.perf_counter() - start)
-    return best, scores
+def fit_and_score(model, modules, docs, queries):
+    """What one checkpoint costs: ``modules`` is a list, or a function of the model and documents giving it."""
+    if callable(modules):
+        modules = modules(model, docs)
+    f = fit_factors(model, docs, loss_fn=TASK.loss, modules=modules, mask_fn=TASK.mask, progress=False, report=False)
+    return pairwise_scores(model, f, queries, docs, loss_fn=TASK.loss, measurement_fn=TASK.measurement,
+                           modules=modules, mask_fn=TASK.mask, progress=False)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = _timing.arguments(__doc__)
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
-    n_docs, n_queries = (128, 8) if args.quick else (512, 32)
+    _timing.set_thread_budget(args.threads)
+    _timing.header("MoE experts and routers in EK-FAC influence: coverage and time", args.threads)
+    n_docs, n_queries = (16, 4) if args.tiny else (128, 8) if args.quick else (512, 32)
     docs = batches(lm_documents(random_tokens(n_docs, lo=24, hi=33, seed=0)), 32)
     queries = batches(lm_documents(random_tokens(n_queries, lo=24, hi=33, seed=1)), 32)
-    print(f"influence with MoE experts and routers: {n_docs} documents, {n_queries} queries, ekfac, "
-          f"{torch.get_num_threads()} threads, best of {args.repeats}")
-    header = (f"{'model':<10} {'MLP tracked':>11} {'linear-only':>11} {'params a':>9} {'params b':>9} "
-              f"{'time a (s)':>10} {'time b (s)':>10} {'b / a':>6} {'per param':>9} | {'params d':>9} "
-              f"{'time d (s)':>10} {'b / d':>7}")
-    print(header)
-    print("-" * len(header))
-    for kind in ("builtin", *MOE_KINDS):
-        model = make_model(kind)
+    print(f"   {n_docs} documents, {n_queries} queries, ekfac")
+    for kind in MOE_KINDS[:1] if args.tiny else ("builtin", *MOE_KINDS):
+        model = make_model(kind, args.tiny)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", IdleExpertsWarning)
             moe = lm_modules(model, documents=docs)
@@ -122,24 +114,35 @@ def main() -> None:
         mlp_linear = [t for t in moe if type(t).__name__ == "TrackedTokenLinear"]
         outside = [t for t in resolve_modules(model, None) if t.name not in in_mlp]
         linear = outside + mlp_linear
-        both = outside + moe
+
+        def both(model, docs, outside=outside):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", IdleExpertsWarning)
+                return outside + lm_modules(model, documents=docs)
+
         cov, lin = mlp_coverage(model, moe), mlp_coverage(model, linear)
         pa = sum(b.n_params for t in linear for b in t.blocks())
-        pb = sum(b.n_params for t in both for b in t.blocks())
-        ta, _ = timed(model, linear, docs, queries, args.repeats)
-        tb, _ = timed(model, both, docs, queries, args.repeats)
+        pb = sum(b.n_params for t in outside + moe for b in t.blocks())
         dense = dense_equivalent(kind, model)
-        dense_mods = [t for t in resolve_modules(dense, None)]
+        dense_mods = list(resolve_modules(dense, None))
         pd = sum(b.n_params for t in dense_mods for b in t.blocks())
-        td, _ = timed(dense, dense_mods, docs, queries, args.repeats)
-        print(f"{kind:<10} {100 * cov.mlp_fraction:>10.1f}% {100 * lin.mlp_fraction:>10.1f}% {pa:>9,} {pb:>9,} "
-              f"{ta:>10.2f} {tb:>10.2f} {tb / ta:>5.2f}x {(tb / pb) / (ta / pa):>8.2f}x | {pd:>9,} {td:>10.2f} "
-              f"{tb / td:>6.2f}x")
-    print("MLP tracked: share of MLP parameters the default LM modules track (target >= 95%); linear-only: what "
-          "tracking nn.Linear layers finds. a = every nn.Linear; b = a + experts + routers. b / a: time ratio "
-          "(target <= 1.5x); per param: time per tracked parameter, b relative to a. d = a dense model of the "
-          "same width and depth whose MLP nn.Linear layers hold the experts' parameters, every nn.Linear tracked; "
-          "b / d: the cost of tracking the MoE model against tracking as many MLP parameters as dense layers.")
+        print(f"   {kind}: MLP parameters tracked {100 * cov.mlp_fraction:.1f}% (target >= 95%; a linear-layer "
+              f"tracker: {100 * lin.mlp_fraction:.1f}%); tracked parameters a {pa:,}, b {pb:,}, d {pd:,}")
+        cmp = _timing.side_by_side({
+            "a": lambda: fit_and_score(model, linear, docs, queries),
+            "b": lambda: fit_and_score(model, both, docs, queries),
+            "d": lambda: fit_and_score(dense, dense_mods, docs, queries),
+        }, "a", max_seconds=900, **_timing.limits(args))
+        _timing.report(f"influence {kind}, b / a (experts and routers too / linear layers only)", cmp, "b",
+                       target="<= 1.5")
+        per_param = _timing.Spread([v * pa / pb for v in cmp.ratio("b").values])
+        print(f"      per tracked parameter, b relative to a: {per_param.fmt()}")
+        _timing.report(f"influence {kind}, b / d (against a dense model with as many MLP parameters)", cmp, "b",
+                       against="d")
+    print("   a = every nn.Linear; b = a + experts + routers, modules found with lm_modules(documents=...) inside "
+          "the timed call; d = a dense model of the same width and depth whose MLP nn.Linear layers hold the "
+          "experts' parameters, every nn.Linear tracked.")
+    _timing.footer()
 
 
 if __name__ == "__main__":

@@ -51,3 +51,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def tiny_copy(tiny_run, tmp_path):
+    """A copy of the tiny built-in run without its store: to measure, break and repair."""
+    import shutil
+
+    from workbench import Run
+
+    dst = tmp_path / tiny_run.root.name
+    shutil.copytree(tiny_run.root, dst, ignore=shutil.ignore_patterns("store", "report.html"))
+    return Run.from_folder(dst)

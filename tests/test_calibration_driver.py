@@ -166,13 +166,14 @@ def test_reliability_view_follows_its_slider(measured):
 
 
 def test_report_section_and_registration(measured, tmp_path):
-    from workbench.cli import DEMO_MEASUREMENTS, MEASUREMENTS, make_measurement
-    from workbench.report import SECTIONS, build_sections, run_report
+    from workbench.cli import build_measurements
+    from workbench.measure import demo_measurements, registry
+    from workbench.report import build_sections, run_report
 
-    assert isinstance(make_measurement("calibration"), Calibration) and "calibration" in DEMO_MEASUREMENTS
-    assert "calibration" in MEASUREMENTS
-    dotted = [s for s in SECTIONS if "calibration" in s]
-    assert dotted
+    assert isinstance(build_measurements(["calibration"], {}, [])[0], Calibration)
+    assert "calibration" in demo_measurements()
+    assert registry()["calibration"] is Calibration
+    dotted = ["calibration"]
     sec = build_sections(measured.store, measured, dotted)[0]
     assert sec.title == "Calibration and discrimination"
     assert any("first checkpoint (step 0)" in str(i) for i in sec.items)

@@ -2,7 +2,7 @@
 
 kronfluence is installed with --no-deps (it declares torchvision). On torch 2.13 / transformers 5.x it imports
 and runs; the only symptom is a FutureWarning about ``torch.cuda.amp.GradScaler``, silenced here. Scores of
-every strategy must match at Pearson >= 0.99 (they match to float32 rounding), identity to float tolerance.
+every strategy must match at Pearson >= 0.99999 (they match to float32 rounding), identity to float tolerance.
 """
 
 from __future__ import annotations
@@ -100,8 +100,9 @@ def test_classifier_matches_kronfluence(strategy, tmp_path):
                                              strategy=strategy, tmp_path=tmp_path, batch_size=8,
                                              query_batch_size=5, self_influence=True)
     print(f"{strategy}: pearson {pearson(ours, theirs):.6f}")
-    assert pearson(ours, theirs) >= 0.99
-    assert pearson(ours_self, theirs_self) >= 0.99
+    # The README's claim: Pearson 1.00000 for every strategy (to five decimals)
+    assert pearson(ours, theirs) >= 0.99999
+    assert pearson(ours_self, theirs_self) >= 0.99999
     if strategy == "identity":
         torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
     else:  # the same float32 arithmetic up to summation order
@@ -159,7 +160,7 @@ def test_language_model_matches_kronfluence(strategy, tmp_path):
     theirs, _ = kronfluence_scores(model, task, _Dicts(docs), _Dicts(queries), strategy=strategy,
                                    tmp_path=tmp_path, batch_size=8, query_batch_size=4, mask_key="attention_mask")
     print(f"lm {strategy}: pearson {pearson(ours, theirs):.6f}")
-    assert pearson(ours, theirs) >= 0.99
+    assert pearson(ours, theirs) >= 0.99999
     if strategy == "identity":
         torch.testing.assert_close(ours, theirs, rtol=1e-3, atol=1e-4 * float(theirs.abs().max()))
 
@@ -194,5 +195,5 @@ def test_true_fisher_matches_kronfluence(tmp_path):
                             report=False)
     assert not torch.allclose(pairwise_scores(model, empirical, [(x[:5], y[:5])], docs, loss_fn=task.loss,
                                               progress=False), ours, rtol=1e-2)
-    assert pearson(ours, theirs) >= 0.999
+    assert pearson(ours, theirs) >= 0.99999
     torch.testing.assert_close(ours, theirs, rtol=2e-3, atol=2e-3 * float(theirs.abs().max()))

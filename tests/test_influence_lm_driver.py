@@ -11,10 +11,10 @@ from safetensors.torch import save_file
 
 from workbench.errors import InputError
 from workbench.probes.influence import fit_factors, pairwise_scores
-from workbench.probes.influence.findings import correlation_by_type, per_query, summary
+from workbench.probes.influence.findings import correlation_by_type, per_query, score_matrix, summary
 from workbench.probes.influence.lm import LMTask, batches, lm_queries
 from workbench.probes.influence.moe import lm_modules
-from workbench.probes.influence.measurement import influence_tables, measure_influence, score_matrix
+from workbench.probes.influence.measurement import influence_tables, measure_influence
 from workbench.toys.influence import builtin_influence
 from workbench.runs import Checkpoint, Run
 from workbench.store import Store
@@ -212,9 +212,11 @@ def test_findings_by_hand():
 def test_figures_widget_and_report_section(micro_run, tmp_path):
     from widgets import InfluenceBrowser
     from workbench.probes.influence import figures as figs
-    from workbench.report import SECTIONS, build_sections
+    from workbench.measure import registry
+    from workbench.probes.influence import Influence
+    from workbench.report import build_sections
 
-    assert figs.report_section(Store(tmp_path / "empty"), None) is None
+    assert Influence.section(Store(tmp_path / "empty"), None) is None
     run = Run.from_folder(micro_run.root, store_root=tmp_path)
     store = builtin_influence(run, queries="all", top_k_tokens=2, **QUIET)
     tables = influence_tables(store)
@@ -227,9 +229,9 @@ def test_figures_widget_and_report_section(micro_run, tmp_path):
     assert sum(row) == pytest.approx(top, rel=1e-3, abs=1e-6)
     corr = figs.correlation_figure(tables, run.steps[0])
     assert len(corr.data[0].z) == tables["queries"].height
-    sec = figs.report_section(store, run)
+    sec = Influence.section(store, run)
     assert sec is not None and sec.title.startswith("Influence")
-    assert "workbench.probes.influence.figures:report_section" in SECTIONS
+    assert registry()["influence"] is Influence
     assert any(s.title.startswith("Influence") for s in build_sections(store, run))
     view = InfluenceBrowser(run, k=2)
     view.set_query(qid)

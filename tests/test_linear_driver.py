@@ -57,13 +57,13 @@ def test_matches_probes_fitted_by_hand(measured):
 
 
 def test_explicit_layers_and_bad_groups(tiny_run, tmp_path):
-    m = LinearProbeAccuracy(layers=[-1])
-    m.prepare(tiny_run)
+    m = LinearProbeAccuracy(layers=[-1]).settle(tiny_run)
     assert m.spec().hidden_layers == (-1,)
+    assert LinearProbeAccuracy().settle(tiny_run).spec().hidden_layers == tuple(range(count_blocks(tiny_run)))
     with pytest.raises(InputError, match="does not know its layers"):
         LinearProbeAccuracy().spec()
     samples = tiny_run.samples
-    flat = workbench.SampleSet(ids=samples.ids, groups=["all"] * len(samples), input_ids=samples.input_ids,
+    flat = workbench.SampleSet(ids=samples.ids, groups=["samples"] * len(samples), input_ids=samples.input_ids,
                                targets=samples.targets)
     run = workbench.Run.from_folder(tiny_run.root, samples=flat, store_root=tmp_path)
     with pytest.raises(InputError, match="no task has both"):
@@ -73,7 +73,7 @@ def test_explicit_layers_and_bad_groups(tiny_run, tmp_path):
 def test_cli_knows_the_measurement():
     from workbench import cli
 
-    assert isinstance(cli.make_measurement("probes"), LinearProbeAccuracy)
+    assert isinstance(cli.build_measurements(["probes"], {}, [])[0], LinearProbeAccuracy)
 
 
 def test_figures_and_report_section(measured):
@@ -84,7 +84,7 @@ def test_figures_and_report_section(measured):
     assert "selectivity" in heat.hovertemplate
     layers = pf.probe_layers(t, "all")
     assert len(layers.data) == 4  # probe and control line at the first and last checkpoint
-    sec = pf.report_section(run.store, run)
+    sec = LinearProbeAccuracy.section(run.store, run)
     assert sec is not None and any(isinstance(i, go.Figure) for i in sec.items)
     with pytest.raises(InputError, match="no task 'nope'"):
         pf.probe_overview(t, "nope")

@@ -72,3 +72,21 @@ def test_console_script_is_declared_and_runs():
     assert _pyproject()["project"]["scripts"]["workbench"] == "workbench.cli:main"
     out = subprocess.run([sys.executable, "-m", "workbench.cli", "--help"], capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0 and "demo" in out.stdout and "measure" in out.stdout
+
+
+def test_make_lab_installs_the_lab_extra_and_starts_jupyterlab():
+    """`make lab`: the lab extra (JupyterLab) in pyproject and environment.yml, then JupyterLab on notebooks/,
+    with --allow-root exactly when run as root (JupyterLab refuses root otherwise)."""
+    import os
+    import shutil
+
+    lab = _pyproject()["project"]["optional-dependencies"]["lab"]
+    assert any(_name(r) == "jupyterlab" for r in lab)
+    if shutil.which("make") is None:
+        return
+    out = subprocess.run(["make", "-n", "-W", "pyproject.toml", "lab"], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    assert "install -e '.[lab]'" in out.stdout
+    start = [line for line in out.stdout.splitlines() if "jupyter lab" in line]
+    assert start and "--notebook-dir=notebooks" in start[0]
+    assert ("--allow-root" in start[0]) == (os.getuid() == 0)

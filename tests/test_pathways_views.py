@@ -21,7 +21,8 @@ def store(tiny_run, tmp_path_factory):
 def test_curves_have_one_line_per_group_and_panel(store):
     table = store.table("pathways", final=False)
     fig = F.pathway_curves(table, step=13)
-    assert len(fig.data) == 4 * 2  # distance, consistency mean and median, accuracy x (train, test)
+    # distance, consistency mean and median, accuracy x (train, test), each with its value at the step
+    assert len(fig.data) == 4 * 2 * 2
     d = table.filter((pl.col("metric") == "distance") & (pl.col("group") == "train") & pl.col("layer").is_null()
                      & pl.col("sample_id").is_null()).sort("step")
     train = next(t for t in fig.data if t.name == "train" and t.xaxis == "x")
@@ -59,7 +60,7 @@ def test_since_curves_correlations_and_report_section(store):
     assert {t.name.split(" ")[0] for t in fig.data if t.showlegend is not False} == groups
     corr = F.correlation_table(final)
     assert set(corr.columns) == {"group", "of", "window", "pearson", "spearman"} and corr.height == 3 * 5 * 2
-    sec = F.report_section(store)
+    sec = RoutingPathways.section(store)
     assert sec.title == "Routing pathways" and sum(isinstance(i, go.Figure) for i in sec.items) >= 3
 
 
@@ -73,4 +74,4 @@ def test_pathway_view_follows_slider_and_pickers(store):
     view.sample_picker.value = "3+4"
     assert view.figures["pathway"].layout.title.text.startswith("pathway of 3+4 at step 13")
     view.group_picker.value = "test"
-    assert view.figures["layers"].layout.title.text.endswith("test")
+    assert view.figures["layers"].layout.title.text.startswith("per-layer pathway distance, test, step 13")

@@ -86,7 +86,7 @@ def test_state_dict_files_with_a_builder(tmp_path):
         torch.manual_seed(step)
         m = ToyMoETransformer(cfg)
         save_file(m.state_dict(), tmp_path / f"ckpt_{step}.safetensors")
-        torch.save(m.state_dict(), tmp_path / f"plain_{step + 10}.pt")
+        torch.save(m.state_dict(), tmp_path / f"iter_{step + 10}.pt")
     run = Run.from_state_dicts(sorted(tmp_path.glob("*.safetensors")), lambda: ToyMoETransformer(cfg))
     assert run.steps == [1, 3]
     model = run.checkpoint(3).load()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from workbench.probes.calibration import Calibration
 from workbench.probes.calibration import figures as figs
 from workbench.runs import Run
 from workbench.store import Store
@@ -17,9 +18,10 @@ class ReliabilityView(CheckpointView):
 
     def __init__(self, source: Store | Run | str, step: int | None = None, groups: Sequence[str] | None = None,
                  metrics: Sequence[str] = ("ece", "auroc"), panel_width: int = 520):
-        store = require_probe(source, "calibration", "workbench measure RUN --probe calibration, or workbench.measure(run, [Calibration()])")
+        store = require_probe(source, Calibration.name,
+                              "workbench measure RUN --probe calibration, or workbench.measure(run, [Calibration()])")
         self.store = store
-        self.table = store.table("calibration")
+        self.table = Calibration.table(store)
         panels = {
             "reliability": lambda s: figs.reliability_diagram(self.table, step=s, groups=groups, width=panel_width),
             "over_steps": lambda s: figs.calibration_over_steps(self.table, metrics, groups=groups, step=s,

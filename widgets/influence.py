@@ -6,7 +6,7 @@ from __future__ import annotations
 import ipywidgets as W
 
 from workbench.probes.influence import figures as figs
-from workbench.probes.influence.measurement import influence_tables
+from workbench.probes.influence.measurement import Influence, influence_tables
 from workbench.runs import Run
 from workbench.store import Store
 from widgets.base import CheckpointView, require_probe
@@ -21,11 +21,11 @@ class InfluenceBrowser(CheckpointView):
     """
 
     def __init__(self, source: Store | Run | str, query: str | None = None, step: int | None = None, k: int = 5,
-                 name: str = "influence", width: int = 900):
-        store = require_probe(source, name, "workbench.probes.influence.measurement.measure_influence, "
-                                            "or builtin_influence")
+                 width: int = 900):
+        store = require_probe(source, Influence.name, "workbench measure RUN --probe influence --queries FILE, or "
+                                                      "workbench.probes.influence.measurement.measure_influence")
         self.store, self.k = store, k
-        self.tables = influence_tables(store, name)
+        self.tables = influence_tables(store)
         queries = self.tables["queries"]
         ids = queries["query_id"].to_list() if queries is not None else \
             self.tables["scores"]["query_id"].unique(maintain_order=True).to_list()
@@ -51,7 +51,7 @@ class InfluenceBrowser(CheckpointView):
         ranked = figs.ranked_documents(self.tables, self.step, self.query, self.k)
         lines = []
         for r in ranked.iter_rows(named=True):
-            rank = f"#{r['rank']}" if r["rank"] > 0 else f"−#{-r['rank']}"
+            rank = figs.rank_label(r["rank"])
             body = figs.token_html(self.tables, self.step, self.query, r["doc_id"])
             lines.append(f"<div style='margin:2px 0'><b>{rank}</b> <code>{r['doc_id']}</code> "
                          f"({r['value']:.3g}): {body}</div>")

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import ipywidgets as W
 
+from workbench.probes.forgetting import Forgetting
+from workbench.probes.forgetting.figures import forgetting_curves
+from workbench.probes.linear import LinearProbeAccuracy
 from workbench.probes.linear import figures as pf
 from workbench.runs import Run
 from workbench.store import Store
@@ -18,11 +21,12 @@ class ProbeView(CheckpointView):
 
     def __init__(self, source: Store | Run | str, task: str | None = None, step: int | None = None,
                  metric: str = "accuracy"):
-        store = require_probe(source, "probes", "workbench measure RUN --probe probes, or workbench.measure(run, [LinearProbeAccuracy()])")
+        store = require_probe(source, LinearProbeAccuracy.name, "workbench measure RUN --probe probes, or "
+                              "workbench.measure(run, [LinearProbeAccuracy()])")
         self.store = store
-        self.table = store.table("probes")
+        self.table = LinearProbeAccuracy.table(store)
         names = pf.tasks(self.table)
-        self.task = pf._check(self.table, task)
+        self.task = pf.check_task(self.table, task)
         steps = sorted(self.table["step"].unique().to_list())
         first = steps[0]
         panels = {
@@ -31,10 +35,10 @@ class ProbeView(CheckpointView):
                                                 labels=None),
         }
         static = []
-        opts = store.options("forgetting") if "forgetting" in store.probes() else None
-        if opts and opts.get("task"):
-            forgetting = store.table("forgetting")
-            panels["forgetting"] = lambda s: pf.forgetting_curves(forgetting, opts["task"])
+        opts = store.options(Forgetting.name) if Forgetting.measured(store) else None
+        if opts and opts.get("task"):  # a forgetting run: its forgetting curves beside the probes
+            forgetting = Forgetting.table(store)
+            panels["forgetting"] = lambda s: forgetting_curves(forgetting, opts["task"])
             static.append("forgetting")
         super().__init__(steps, panels, static=static, title=f"linear probes: {store.run or store.root}", step=step)
         self.task_picker = W.Dropdown(options=names, value=self.task, description="task")

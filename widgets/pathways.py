@@ -5,8 +5,10 @@ from __future__ import annotations
 import ipywidgets as W
 import polars as pl
 
+from workbench.probes.pathways import RoutingPathways
 from workbench.probes.pathways import figures as F
 from workbench.runs import Run
+from workbench.samples import OVERALL
 from workbench.store import Store
 from widgets.base import CheckpointView, require_probe
 
@@ -18,10 +20,11 @@ class PathwayView(CheckpointView):
 
     def __init__(self, source: Store | Run | str, step: int | None = None, group: str | None = None,
                  sample_id: str | None = None, consistency: str = "consistency"):
-        store = require_probe(source, "pathways", "workbench measure RUN --probe pathways, or workbench.measure(run, [RoutingPathways()])")
+        store = require_probe(source, RoutingPathways.name,
+                              "workbench measure RUN --probe pathways, or workbench.measure(run, [RoutingPathways()])")
         self.store = store
-        self.table = store.table("pathways", final=False)
-        self.final = store.table("pathways", final=True)
+        self.table = RoutingPathways.table(store)
+        self.final = RoutingPathways.table(store, final=True)
         groups = [g for g in self.table["group"].unique(maintain_order=True).to_list() if g is not None]
         self.group = group or next((g for g in ("train", "all") if g in groups), groups[0])
         samples = self.table.filter((pl.col("metric") == "n_experts") & pl.col("sample_id").is_not_null())
@@ -34,7 +37,7 @@ class PathwayView(CheckpointView):
         }
         if self.sample_id is not None:
             panels["pathway"] = lambda s: F.pathway_figure(self.table, self.sample_id, s)
-        kind = self.group if self.group != "all" else "train"
+        kind = self.group if self.group != OVERALL else "train"
         if not self.final.is_empty() and self.final["group"].str.starts_with(f"{kind}@").any():
             panels["since"] = lambda s: F.since_curves(self.final, "distance", kind, step=s)
         steps = sorted(self.table["step"].drop_nulls().unique().to_list())

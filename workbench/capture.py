@@ -1,64 +1,89 @@
 """Batched capture: one forward pass over a sample set collects what the probes need.
 
-Per sample it returns loss, accuracy and confidence over the sample's scored positions; with routing, the
-router softmax averaged over the sample's non-padding tokens at every MoE layer ([samples, layers, experts]);
-with hidden layers, the hidden state after those blocks (last non-padding token, or the mean over tokens).
+Per sample it returns loss, accuracy and confidence over the sample's scored positions; with routing, at
+every MoE layer and averaged over the sample's non-padding tokens ([samples, layers, experts]): the model's
+own expert scores as a distribution (``routing_weights="scores"``, the default: softmax probabilities for
+softmax routers, the scores normalized to sum 1 for sigmoid routers) or the weights it applies to its
+selected experts, normalized per token to sum 1 (``"topk"``); optionally the applied weights as they are
+(``applied``) and the share of tokens choosing each expert (``expert_load``). How a router scores and where it
+keeps its weights is the adapter's :class:`~workbench.models.routing.Routing`: capture never applies a
+softmax the model does not apply. With hidden layers, the hidden state after those blocks (last non-padding
+token, or the mean over tokens).
 
-Hooks reduce on the device: a router hook turns [batch*tokens, experts] logits into [batch, experts] sums
-before anything moves, and only those reductions are copied to the host (non-blocking into pinned memory on
-CUDA). Batches are bucketed by length so padding stays small, and masks keep padding out of every number.
+Hooks reduce on the device: router hooks keep each MoE layer's outputs, and after the forward pass all layers
+are reduced together to [batch, experts] sums before anything moves; only those reductions are copied to the
+host (non-blocking into pinned memory on CUDA). Batches are bucketed by length so padding stays small, and
+masks keep padding out of every number.
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+import weakref
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from workbench.errors import InputError, NumericalError, TokenizerMismatchError
+from workbench.errors import InputError, NumericalError, TokenizerMismatchError, UnknownArchitectureError
 from workbench.models import adapter_for
+from workbench.models.routing import DISTRIBUTIONS, Routing, check_scoring, infer_scoring, locate
 from workbench.samples import IGNORE, SampleSet, length_buckets
+
+
+ROUTING_WEIGHTS = ("scores", "topk", "softmax")
+
+
+def _same_scores(v):
+    return "scores" if v == "softmax" else v
 
 
 @dataclass(frozen=True)
 class CaptureSpec:
     """What one capture pass collects.
 
-    routing: router softmax per MoE layer, averaged over each sample's tokens.
-    routing_weights: ``"softmax"`` (all experts, SPEC default) or ``"topk"`` (the model's own top-k
-        weights after its renormalization, zero elsewhere).
+    routing: routing weights per MoE layer, averaged over each sample's tokens (a distribution over experts).
+    routing_weights: ``"scores"`` (default: the model's own scores of all experts as a distribution:
+        softmax probabilities, or sigmoid scores normalized to sum 1, as its router scores them), ``"topk"``
+        (the weights the model applies to its selected experts, normalized per token to sum 1, zero
+        elsewhere), or ``"softmax"`` (the SPEC's name: ``"scores"`` for routers that score with a softmax,
+        refused for the others).
+    applied: also the weights the model applies to its selected experts as they are (not normalized),
+        averaged over each sample's tokens.
     expert_load: also the fraction of each sample's tokens that select each expert (top-k choices).
     hidden_layers: block indices whose output hidden state to keep (negative counts from the end).
     hidden_reduce: ``"last"`` (last non-padding token) or ``"mean"`` (mean over non-padding tokens).
     """
 
     routing: bool = False
-    routing_weights: str = "softmax"
+    routing_weights: str = "scores"
+    applied: bool = False
     expert_load: bool = False
     hidden_layers: tuple[int, ...] = ()
     hidden_reduce: str = "last"
 
     def __post_init__(self) -> None:
-        if self.routing_weights not in ("softmax", "topk"):
-            raise InputError(f"routing_weights must be 'softmax' or 'topk', not {self.routing_weights!r}")
+        if self.routing_weights not in ROUTING_WEIGHTS:
+            raise InputError(f"routing_weights must be one of {ROUTING_WEIGHTS}, not {self.routing_weights!r}")
         if self.hidden_reduce not in ("last", "mean"):
             raise InputError(f"hidden_reduce must be 'last' or 'mean', not {self.hidden_reduce!r}")
 
     def union(self, other: "CaptureSpec") -> "CaptureSpec":
         """A spec that collects what both collect (their routing and reduce choices must agree)."""
         for name in ("routing_weights", "hidden_reduce"):
-            a, b = getattr(self, name), getattr(other, name)
+            a, b = (_same_scores(getattr(self, name)), _same_scores(getattr(other, name)))
             used_a = self.routing if name == "routing_weights" else bool(self.hidden_layers)
             used_b = other.routing if name == "routing_weights" else bool(other.hidden_layers)
             if used_a and used_b and a != b:
                 raise InputError(f"two measurements ask for different {name} ({a!r}, {b!r}); capture them apart")
+        weights = {s.routing_weights for s in (self, other) if s.routing}
         return CaptureSpec(
             routing=self.routing or other.routing,
-            routing_weights=self.routing_weights if self.routing else other.routing_weights,
+            # "softmax" and "scores" are the same numbers where "softmax" is allowed at all: keep the stricter
+            routing_weights="softmax" if "softmax" in weights else (weights.pop() if weights else "scores"),
+            applied=self.applied or other.applied,
             expert_load=self.expert_load or other.expert_load,
             hidden_layers=tuple(sorted(set(self.hidden_layers) | set(other.hidden_layers))),
             hidden_reduce=self.hidden_reduce if self.hidden_layers else other.hidden_reduce,
@@ -77,12 +102,16 @@ class Capture:
     target_prob: torch.Tensor  # [N] mean probability of the target token over scored positions
     n_scored: torch.Tensor  # [N] number of scored positions
     n_tokens: torch.Tensor  # [N] number of non-padding tokens
-    routing: torch.Tensor | None = None  # [N, L, E] token-averaged routing weights
+    routing: torch.Tensor | None = None  # [N, L, E] token-averaged routing weights (rows sum to 1)
+    applied: torch.Tensor | None = None  # [N, L, E] token-averaged weights applied to the selected experts
     expert_load: torch.Tensor | None = None  # [N, L, E] share of tokens choosing each expert (rows sum to k)
     moe_layers: list[int] = field(default_factory=list)  # block index of each MoE layer
-    router_matrices: list[torch.Tensor] | None = None  # per MoE layer [E, d]
+    router_matrices: list[torch.Tensor] | None = None  # per MoE layer [E, d]; None when the router has none
     hidden: dict[int, torch.Tensor] = field(default_factory=dict)  # block index -> [N, d]
     top_k: int | None = None
+    routing_weights: str | None = None  # what ``routing`` holds: "scores" or "topk"
+    scoring: str | None = None  # how the routers score experts ("softmax", "sigmoid", ...)
+    no_router_matrices: str | None = None  # why router_matrices is None
 
     def __len__(self) -> int:
         return len(self.sample_ids)
@@ -95,35 +124,41 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _vocab_size(model: nn.Module) -> int | None:
+def vocab_size(model: nn.Module) -> int | None:
+    """The number of token ids the model's input embedding takes (None when it has none to find)."""
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if emb is None:
         emb = next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
     return emb.num_embeddings if emb is not None else None
 
 
-def _top_k(model: nn.Module, router: nn.Module) -> int:
-    for obj in (router, getattr(model, "config", None)):
-        for name in ("top_k", "num_experts_per_tok"):
-            k = getattr(obj, name, None)
+def model_positions(model: nn.Module) -> int | None:
+    """The longest input the model takes, in tokens, as its config says (None when it does not say). A rotary
+    model runs past it without an error, with positions it was never trained on: that is refused too."""
+    cfg = getattr(model, "config", None)
+    for name in ("n_ctx", "max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(cfg, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _top_k(model: nn.Module, router: nn.Module) -> int | None:
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for obj in (router, text, getattr(text, "ffn_config", None)):
+        for name in ("top_k", "num_experts_per_tok", "moe_top_k", "moe_topk", "moe_k", "top_k_experts",
+                     "num_experts_per_token"):
+            k = getattr(obj, name, None) if obj is not None else None
             if isinstance(k, int):
                 return k
-    raise InputError("cannot tell the model's top-k; set router.top_k or config.num_experts_per_tok")
-
-
-def _softmax(x: torch.Tensor) -> torch.Tensor:
-    """Softmax over the last dim. For the few experts of a router, torch's CPU kernel (vectorized along that
-    short dim) is ~5x slower than these three elementwise passes; on GPU and for many experts use torch's."""
-    if x.is_cuda or x.shape[-1] >= 32:
-        return torch.softmax(x, dim=-1)
-    e = (x - x.amax(-1, keepdim=True)).exp_()
-    return e.div_(e.sum(-1, keepdim=True))
+    return None
 
 
 class _RouterHook:
     """Forward hook on one router: keeps its output for the reduction after the forward pass.
 
-    Reducing all MoE layers together after the pass (one softmax, one einsum, one scatter for every layer)
+    Reducing all MoE layers together after the pass (one scoring, one einsum, one scatter for every layer)
     costs a fixed handful of operations per batch instead of a dozen per layer, which matters for small
     models, where per-operation overhead and not arithmetic is the cost.
     """
@@ -135,27 +170,101 @@ class _RouterHook:
         self.state.router_out[self.slot] = output if isinstance(output, tuple) else (output,)
 
 
-def _reduce_routing(st: "_BatchState", spec: CaptureSpec, k: int) -> None:
-    """Token-averaged routing weights (and expert load) of every MoE layer for the batch, on the device."""
+class _ExpertsHook:
+    """Forward pre-hook on the experts of a block whose router returns logits only (DBRX): the weights and
+    expert indices the block hands its experts, ``experts(hidden, top_k_index, top_k_weights)``."""
+
+    def __init__(self, state: "_BatchState", slot: int):
+        self.state, self.slot = state, slot
+
+    def __call__(self, module, args, kwargs):
+        index = args[1] if len(args) > 1 else kwargs.get("top_k_index")
+        weights = args[2] if len(args) > 2 else kwargs.get("top_k_weights")
+        self.state.experts_in[self.slot] = (weights, index)
+
+
+#: The routing of each model, settled on its first batch (positions found, scoring inferred or checked),
+#: by its first router: later captures of the same model skip that work.
+_SETTLED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+@dataclass
+class _Routers:
+    """What capture knows about the routers of one model."""
+
+    routing: Routing
+    k: int | None
+    where: str  # names the routers in messages
+    settled: bool = False
+
+
+def _top(st: "_BatchState", r: _Routers, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Applied weights and expert indices of every layer, [L, T, k]."""
+    routing, outs = r.routing, st.router_out
+    if routing.weights == "topk":
+        wi, ii = routing.weights_index, routing.indices_index
+        top_w = torch.stack([o[wi] for o in outs])
+        top_i = torch.stack([o[ii] for o in outs])
+    elif routing.weights == "experts":
+        top_w = torch.stack([w for w, _ in st.experts_in])
+        top_i = torch.stack([i for _, i in st.experts_in])
+    else:  # a layout that needs decoding layer by layer (Llama 4, JetMoE)
+        decoded = [routing.decode(o, r.k) for o in outs]
+        top_w = torch.stack([d[1] for d in decoded])
+        top_i = torch.stack([d[2] for d in decoded])
+    return top_w.reshape(len(outs), tokens, -1).float(), top_i.reshape(len(outs), tokens, -1)
+
+
+def _settle(st: "_BatchState", r: _Routers, first: nn.Module, tokens: int) -> None:
+    """On a model's first batch: find where its routers keep the applied weights, infer or check its scoring
+    rule against them, and refuse a softmax the model does not apply."""
+    routing = locate(r.routing, st.router_out[0], tokens, r.where)
+    r.routing = routing
+    logits = torch.stack([o[routing.logits_index] for o in st.router_out]).reshape(tokens * len(st.router_out), -1)
+    if routing.weights == "experts" and any(e is None for e in st.experts_in):
+        raise UnknownArchitectureError(f"{r.where}: the experts were not called as experts(hidden, top_k_index, "
+                                       "top_k_weights), so the weights they apply cannot be read")
+    top_w, top_i = _top(st, r, tokens)
+    top_w, top_i = top_w.reshape(-1, top_w.shape[-1]), top_i.reshape(-1, top_i.shape[-1])
+    if routing.scoring is None:
+        routing = replace(routing, scoring=infer_scoring(logits, top_w, top_i, r.where))
+    else:
+        check_scoring(routing, logits, top_w, top_i, r.where)
+    r.routing, r.k, r.settled = routing, top_i.shape[-1], True
+    _SETTLED[first] = (routing, r.k)
+
+
+def _reduce_routing(st: "_BatchState", spec: CaptureSpec, r: _Routers) -> None:
+    """Token-averaged routing weights (and applied weights, expert load) of every MoE layer for the batch, on
+    the device."""
     b, t = st.mask.shape
     outs = st.router_out
     n_layers = len(outs)
-    probs = _softmax(torch.stack([o[0].reshape(b * t, -1) for o in outs]).float())  # [L, b*t, E]
-    n_exp = probs.shape[-1]
-    if spec.routing_weights == "topk" or spec.expert_load:
-        if all(len(o) >= 3 for o in outs):
-            top_w = torch.stack([o[1].reshape(b * t, -1) for o in outs]).float()
-            top_i = torch.stack([o[2].reshape(b * t, -1) for o in outs])
-        else:  # routers that return logits only: take top-k of the softmax and renormalize
-            top_w, top_i = torch.topk(probs, k, dim=-1)
-            top_w = top_w / top_w.sum(-1, keepdim=True)
-    w = torch.zeros_like(probs).scatter_(-1, top_i, top_w) if spec.routing_weights == "topk" else probs
+    li = r.routing.logits_index
+    logits = torch.stack([o[li] for o in outs])
+    if logits.shape[1:-1].numel() != b * t:
+        raise UnknownArchitectureError(
+            f"{r.where} returned logits of shape {tuple(logits.shape[1:])} for {b}x{t} tokens; the workbench "
+            "needs one row of logits per token")
+    logits = logits.reshape(n_layers, b * t, -1)
+    need_top = spec.routing_weights == "topk" or spec.expert_load or spec.applied
+    if need_top:
+        top_w, top_i = _top(st, r, b * t)
+    if spec.routing_weights == "topk":
+        norm = top_w / top_w.sum(-1, keepdim=True).clamp_min(1e-30)  # explicitly: a distribution per token
+        w = torch.zeros(logits.shape, dtype=torch.float32, device=logits.device).scatter_(-1, top_i, norm)
+    else:  # the model's own scores as a distribution, on a float copy (the stack above is one already)
+        w = DISTRIBUTIONS[r.routing.scoring](logits.float())
+    n_exp = w.shape[-1]
     # token weights: 1/n_tokens on real tokens, 0 on padding, so the weighted sum is the masked mean
     st.routing = torch.matmul(st.token_w.unsqueeze(1), w.view(n_layers, b, t, n_exp)).squeeze(2).transpose(0, 1)
+    if spec.applied:
+        raw = torch.zeros(w.shape, dtype=torch.float32, device=w.device).scatter_(-1, top_i, top_w)
+        st.applied = torch.matmul(st.token_w.unsqueeze(1), raw.view(n_layers, b, t, n_exp)).squeeze(2).transpose(0, 1)
     if spec.expert_load:
         kk = top_i.shape[-1]
         tw = st.token_w.repeat_interleave(kk, dim=1).expand(n_layers, b, t * kk)
-        load = torch.zeros(n_layers, b, n_exp, device=probs.device)
+        load = torch.zeros(n_layers, b, n_exp, device=w.device)
         st.load = load.scatter_add_(2, top_i.reshape(n_layers, b, t * kk), tw).transpose(0, 1)
 
 
@@ -180,8 +289,10 @@ class _BatchState:
     n_tok: torch.Tensor = None
     token_w: torch.Tensor = None
     routing: torch.Tensor = None
+    applied: torch.Tensor = None
     load: torch.Tensor = None
     router_out: list = field(default_factory=list)
+    experts_in: list = field(default_factory=list)
     hidden: dict = field(default_factory=dict)
 
 
@@ -265,12 +376,15 @@ def capture(
     max_batch: int = 4096,
     autocast: bool | None = None,
     pad_id: int = 0,
+    truncate: bool = False,
     progress: bool = False,
 ) -> Capture:
     """Run ``samples`` through ``model`` once and collect what ``spec`` asks for.
 
     The model is moved to ``device`` (default: CUDA when present, else CPU) and put in eval mode.
-    ``autocast`` defaults to bf16 autocast on CUDA and none on CPU.
+    ``autocast`` defaults to bf16 autocast on CUDA and none on CPU. Samples are checked against the model first
+    (:meth:`SampleSet.fit`): token ids within its vocabulary, lengths within its positions (``truncate=True``
+    cuts longer ones instead of refusing them).
     """
     device = torch.device(device) if device is not None else default_device()
     first = next(model.parameters(), None)
@@ -278,24 +392,24 @@ def capture(
         model = model.to(device)
     if model.training:  # eval() walks every module: skip it when the model is already in eval mode
         model.eval()
-    vocab = _vocab_size(model)
-    if vocab is not None and samples.max_token() >= vocab:
-        raise TokenizerMismatchError(
-            f"sample token ids reach {samples.max_token()} but the model's vocabulary has {vocab} tokens; "
-            "tokenize the samples with the model's own tokenizer"
-        )
+    samples = samples.fit(vocab_size(model), model_positions(model), truncate=truncate)
     adapter = adapter_for(model)
     n = len(samples)
     cuda = device.type == "cuda"
     use_autocast = cuda if autocast is None else autocast
     state = _BatchState()
     handles = []
-    moe_layers: list[int] = []
-    routers = adapter.require_moe(model) if spec.routing else []
-    k = _top_k(model, routers[0][1]) if routers else None
-    for slot, (layer, router) in enumerate(routers):
-        moe_layers.append(layer)
-        handles.append(router.register_forward_hook(_RouterHook(state, slot)))
+    layers = adapter.require_moe(model) if spec.routing else []
+    moe_layers = [layer.index for layer in layers]
+    r = _routers(model, adapter, layers) if layers else None
+    if r is not None and r.settled:
+        _check_weights_option(spec, r)
+    for slot, layer in enumerate(layers):
+        handles.append(layer.router.register_forward_hook(_RouterHook(state, slot)))
+        if r.routing.weights == "experts":
+            if layer.experts is None:
+                raise UnknownArchitectureError(f"{r.where}: the adapter found no experts module to read weights at")
+            handles.append(layer.experts.register_forward_pre_hook(_ExpertsHook(state, slot), with_kwargs=True))
     blocks = adapter.blocks(model) if spec.hidden_layers else []
     hidden_layers = sorted({h % len(blocks) for h in spec.hidden_layers}) if blocks else []
     for h in spec.hidden_layers:
@@ -307,9 +421,7 @@ def capture(
     host = dict(pin_memory=cuda)
     out = {name: torch.empty(n, **host) for name in ("loss", "accuracy", "confidence", "target_prob")}
     out["n_scored"] = torch.empty(n, dtype=torch.long, **host)
-    n_exp = routers[0][1].weight.shape[0] if routers else 0
-    routing = torch.empty(n, len(routers), n_exp, **host) if routers else None
-    load = torch.empty(n, len(routers), n_exp, **host) if routers and spec.expert_load else None
+    per_expert: dict[str, torch.Tensor] = {}  # routing, applied, load: [N, L, E], made at the first batch
     hidden: dict[int, torch.Tensor] = {}
 
     batches = length_buckets(samples.lengths, token_budget, max_batch)
@@ -324,19 +436,24 @@ def capture(
                 state.mask = mask.float()
                 state.n_tok = state.mask.sum(1)
                 state.token_w = state.mask / state.n_tok.unsqueeze(1)
-                state.router_out = [None] * len(routers)
+                state.router_out = [None] * len(layers)
+                state.experts_in = [None] * len(layers)
                 state.hidden = {}
                 logits = model(input_ids=x, attention_mask=mask).logits
-                if routers:
-                    _reduce_routing(state, spec, k)
+                if layers:
+                    if not r.settled:
+                        _settle(state, r, layers[0].router, x.numel())
+                        _check_weights_option(spec, r)
+                    _reduce_routing(state, spec, r)
                 scores = _per_sample_scores(logits, y)
                 rows = torch.as_tensor(idx)
                 for name, v in zip(("loss", "accuracy", "confidence", "target_prob", "n_scored"), scores):
                     out[name][rows] = v.to("cpu", non_blocking=cuda)
-                if routers:
-                    routing[rows] = state.routing.to("cpu", non_blocking=cuda)
-                    if load is not None:
-                        load[rows] = state.load.to("cpu", non_blocking=cuda)
+                for name, v in (("routing", state.routing), ("applied", state.applied), ("load", state.load)):
+                    if v is not None:
+                        if name not in per_expert:
+                            per_expert[name] = torch.empty((n,) + tuple(v.shape[1:]), **host)
+                        per_expert[name][rows] = v.to("cpu", non_blocking=cuda)
                 for layer, h in state.hidden.items():
                     if layer not in hidden:
                         hidden[layer] = torch.empty(n, h.shape[-1], **host)
@@ -346,6 +463,8 @@ def capture(
     finally:
         for h in handles:
             h.remove()
+    matrices, why_not = (_router_matrices(adapter, layers, per_expert["routing"].shape[-1])
+                         if "routing" in per_expert else (None, None))
 
     return Capture(
         sample_ids=list(samples.ids),
@@ -356,13 +475,42 @@ def capture(
         target_prob=out["target_prob"],
         n_scored=out["n_scored"],
         n_tokens=torch.as_tensor(samples.lengths),
-        routing=routing,
-        expert_load=load,
+        routing=per_expert.get("routing"),
+        applied=per_expert.get("applied"),
+        expert_load=per_expert.get("load"),
         moe_layers=moe_layers,
-        router_matrices=[r.weight.detach().float().cpu() for _, r in routers] if routers else None,
+        router_matrices=matrices,
         hidden=hidden,
-        top_k=k,
+        top_k=r.k if r else None,
+        routing_weights=_same_scores(spec.routing_weights) if layers else None,
+        scoring=r.routing.scoring if r else None,
+        no_router_matrices=why_not,
     )
 
 
-__all__ = ["Capture", "CaptureSpec", "capture", "default_device"]
+def _routers(model: nn.Module, adapter, layers) -> _Routers:
+    where = f"{type(layers[0].router).__name__} (the router of {adapter.name})"
+    settled = _SETTLED.get(layers[0].router)
+    if settled is not None:
+        return _Routers(settled[0], settled[1], where, settled=True)
+    return _Routers(adapter.routing or Routing(), _top_k(model, layers[0].router), where)
+
+
+def _check_weights_option(spec: CaptureSpec, r: _Routers) -> None:
+    if spec.routing_weights == "softmax" and r.routing.scoring not in ("softmax", "probabilities"):
+        raise InputError(
+            f"routing_weights='softmax' asks for the router's softmax, but {r.where} scores experts with "
+            f"{r.routing.scoring}: a softmax of its logits is not what the model computes; use "
+            "routing_weights='scores' (its own scores normalized to sum 1) or 'topk' (the weights it applies)")
+
+
+def _router_matrices(adapter, layers, n_experts: int | None) -> tuple[list[torch.Tensor] | None, str | None]:
+    """Each MoE layer's router matrix [E, d] (the routed experts' rows), or None and the reason."""
+    try:
+        ws = [adapter.router_weight_of(layer.router).detach() for layer in layers]
+    except UnknownArchitectureError as exc:
+        return None, str(exc)
+    return [w[:n_experts].float().cpu() for w in ws], None
+
+
+__all__ = ["Capture", "CaptureSpec", "capture", "default_device", "model_positions", "vocab_size"]

@@ -23,10 +23,6 @@ class UnsafeCheckpointError(WorkbenchError):
     """A checkpoint would need pickle (code execution) to load."""
 
 
-class CorruptCheckpointError(WorkbenchError):
-    """A checkpoint file exists but cannot be read."""
-
-
 class UnknownArchitectureError(WorkbenchError):
     """No adapter knows where this model keeps its blocks, routers or MLPs."""
 
@@ -36,7 +32,17 @@ class NotMoEError(WorkbenchError):
 
 
 class StoreError(WorkbenchError):
-    """The Parquet store cannot take or give a table (schema clash, options changed under a resume)."""
+    """The Parquet store cannot take or give a table (a corrupt part, a resume under other options, samples,
+    dtype or model, a read-only store or a full disk)."""
+
+
+class StoreLockedError(StoreError):
+    """Another writer holds the store's lock."""
+
+
+class CorruptCheckpointError(WorkbenchError):
+    """A checkpoint file exists but cannot be read, or its weights do not fit its model (missing, unexpected or
+    mis-shaped keys)."""
 
 
 class TokenizerMismatchError(WorkbenchError):

@@ -2,61 +2,61 @@
 
 Two kinds:
 - :func:`run_report` builds a report of a run straight from its store: plotly figures with their own
-  sliders and frames, plotly.js inlined once. Each probe family contributes a section through
-  :data:`SECTIONS` (dotted paths, imported on use, so a family that is not measured costs nothing).
-- :func:`render_notebook` executes a notebook and converts it to HTML with plotly figures embedded
-  (ipywidgets are left out of reports: their embedded state renders only where a CDN can be reached).
+  sliders and frames, plotly.js inlined once. Each registered measurement contributes its section
+  (:meth:`workbench.Measurement.section`), in the order of the registry.
+- :func:`render_notebook` executes a notebook and converts it to one light HTML file: figures kept as plotly
+  JSON and drawn by plotly.js inlined once, no widget state (a view needs a live kernel; its output becomes a
+  one-line note, progress bars are dropped), and nothing loaded from the network (no require.js, MathJax or
+  widget manager from a CDN).
 """
 
 from __future__ import annotations
 
 import html
-import importlib
 import os
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+import re
+import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import plotly.graph_objects as go
+import plotly.io as pio
+from plotly.offline import get_plotlyjs
 
 from workbench.errors import DependencyError, InputError
+from workbench.figures import Section
+from workbench.measure import registry
+from workbench.runs import Run
 from workbench.store import Store
 
-PLOTLY_RENDERER_FOR_REPORTS = "notebook"
+#: The kernel's plotly renderer while a report executes: figures come back as JSON, drawn once by the report.
+PLOTLY_RENDERER_FOR_REPORTS = "plotly_mimetype"
+PLOTLY_MIME = "application/vnd.plotly.v1+json"
+WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
+#: The lab template without what it would fetch from a CDN: require.js (plotly's figures here need none),
+#: MathJax (the notebooks hold no math) and the widget manager (widget state is dropped); plotly.js goes in once.
+_REPORT_TEMPLATE = """{%- extends 'lab/index.html.j2' -%}
+{%- block html_head_js_requirejs -%}{%- endblock html_head_js_requirejs -%}
+{%- block html_head_js_mathjax -%}{%- endblock html_head_js_mathjax -%}
+{%- block jupyter_widgets -%}{%- endblock jupyter_widgets -%}
+{%- block html_head_js -%}
+{{ super() }}
+<script type="text/javascript">{{ resources.plotly_js }}</script>
+{%- endblock html_head_js -%}
+"""
 
 
-@dataclass
-class Section:
-    """A titled part of a report: text paragraphs and figures, in order."""
-
-    title: str
-    items: list = field(default_factory=list)  # str (a paragraph of plain text) or go.Figure
-
-    def add(self, item) -> "Section":
-        self.items.append(item)
-        return self
-
-
-#: Section builders ``f(store, run) -> Section | None``, as "module:function"; None means "nothing to show".
-SECTIONS: list[str] = [
-    "workbench.probes.basic.figures:training_section",
-    "workbench.probes.routing.figures:routing_section",
-    "workbench.probes.pathways.figures:report_section",
-    "workbench.probes.calibration.figures:report_section",
-    "workbench.probes.linear.figures:report_section",
-    "workbench.probes.influence.figures:report_section",
-]
-
-
-def _load(dotted: str) -> Callable:
-    mod, _, fn = dotted.partition(":")
-    return getattr(importlib.import_module(mod), fn)
-
-
-def build_sections(store: Store, run=None, sections: Sequence[str] | None = None) -> list[Section]:
+def build_sections(store: Store, run: Run | None = None, sections: Sequence[str] | None = None) -> list[Section]:
+    """The sections of the measurements in ``sections`` (registered names; default: every registered one, in
+    report order) that have something to show."""
+    known = registry()
+    names = list(known) if sections is None else list(sections)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise InputError(f"unknown measurement(s) {unknown}; known: {', '.join(known)}")
     out = []
-    for dotted in sections or SECTIONS:
-        sec = _load(dotted)(store, run)
+    for name in names:
+        sec = known[name].section(store, run)
         if sec is not None:
             out.append(sec)
     return out
@@ -93,8 +93,9 @@ def write_html(path: str | os.PathLike, title: str, sections: Sequence[Section],
     return path
 
 
-def run_report(run, path: str | os.PathLike | None = None, sections: Sequence[str] | None = None) -> Path:
-    """The report of a run's store, at ``path`` (default: ``report.html`` in the run's folder)."""
+def run_report(run: Run, path: str | os.PathLike | None = None, sections: Sequence[str] | None = None) -> Path:
+    """The report of a run's store, at ``path`` (default: ``report.html`` in the run's folder); ``sections``:
+    the measurements to show (default: all that were measured)."""
     store = run.store
     secs = build_sections(store, run, sections)
     if not secs:
@@ -102,16 +103,48 @@ def run_report(run, path: str | os.PathLike | None = None, sections: Sequence[st
     path = Path(path) if path is not None else run.root / "report.html"
     intro = (
         f"Run {run.name}: {len(run)} checkpoints, steps {run.steps[0]} to {run.steps[-1]}. "
-        "Every figure with a slider shows one checkpoint at a time; the file works offline."
+        "Figures with a slider show the checkpoint it is set to; the others say in their title that they span "
+        "all checkpoints. The file works offline."
     )
     return write_html(path, f"Generalization workbench: {run.name}", secs, intro)
+
+
+def _light_outputs(nb) -> int:
+    """Turn the executed notebook's outputs into what a light offline report needs, in place: plotly JSON into
+    a div and a ``Plotly.newPlot`` call (plotly.js itself comes once, in the page head), and a widget view into a
+    note saying it needs a live kernel. Returns the number of figures."""
+    n_figures, drop = 0, []
+    for cell in nb.cells:
+        for out in cell.get("outputs", []):
+            data = out.get("data") or {}
+            if PLOTLY_MIME in data:
+                fig = data[PLOTLY_MIME]
+                div = pio.to_html(fig, include_plotlyjs=False, full_html=False, auto_play=False,
+                                  config=fig.get("config"), validate=False)
+                out["data"] = {"text/html": div}
+                n_figures += 1
+            elif WIDGET_MIME in data:
+                # A view's text form is its class's repr, "PathwayView(children=..."; a progress bar's is its
+                # text at display time ("  0%| ..."), stale by the end: dropped.
+                name = re.match(r"(\w+)\(", str(data.get("text/plain", "")))
+                if name is None:
+                    drop.append((cell, out))
+                    continue
+                out["data"] = {"text/html": f"<p><i>{html.escape(name[1])}: an interactive view, shown in "
+                                            "JupyterLab with a live kernel (<code>make lab</code>); the figures "
+                                            "above are the same, with their own sliders.</i></p>"}
+    for cell, out in drop:
+        cell.outputs.remove(out)
+    nb.metadata.pop("widgets", None)  # the widget state: megabytes that no report shows
+    return n_figures
 
 
 def render_notebook(
     notebook: str | os.PathLike, out: str | os.PathLike | None = None, execute: bool = True, timeout: int = 1800
 ) -> Path:
-    """Execute a notebook (in its own folder) and write it as HTML with plotly figures embedded."""
-    try:
+    """Execute a notebook (in its own folder) and write it as one light, offline HTML file (see the module's
+    description)."""
+    try:  # the jupyter extra: optional, and seconds to import
         import nbformat
         from nbclient import NotebookClient
         from nbconvert import HTMLExporter
@@ -125,16 +158,21 @@ def render_notebook(
     nb = nbformat.read(nb_path, as_version=4)
     if execute:
         old = os.environ.get("PLOTLY_RENDERER")
-        os.environ["PLOTLY_RENDERER"] = PLOTLY_RENDERER_FOR_REPORTS  # the kernel inherits it: figures embed
+        os.environ["PLOTLY_RENDERER"] = PLOTLY_RENDERER_FOR_REPORTS  # the kernel inherits it
         try:
-            NotebookClient(nb, timeout=timeout, kernel_name="python3",
+            NotebookClient(nb, timeout=timeout, kernel_name="python3", store_widget_state=False,
                            resources={"metadata": {"path": str(nb_path.parent)}}).execute()
         finally:
             if old is None:
                 os.environ.pop("PLOTLY_RENDERER", None)
             else:
                 os.environ["PLOTLY_RENDERER"] = old
-    body, _ = HTMLExporter(exclude_input_prompt=True, exclude_output_prompt=True).from_notebook_node(nb)
+    _light_outputs(nb)
+    with tempfile.TemporaryDirectory() as templates:  # the template extends nbconvert's lab template
+        (Path(templates) / "workbench_report.html.j2").write_text(_REPORT_TEMPLATE, encoding="utf-8")
+        exporter = HTMLExporter(extra_template_paths=[templates], template_file="workbench_report.html.j2",
+                                exclude_input_prompt=True, exclude_output_prompt=True)
+        body, _ = exporter.from_notebook_node(nb, resources={"plotly_js": get_plotlyjs()})
     out = Path(out) if out is not None else nb_path.with_suffix(".html")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")

@@ -7,24 +7,33 @@ A Run comes from
 - a hub repo id and a list of revisions (``Run.from_hub("allenai/OLMoE-1B-7B-0924", ["step5000-tokens20B", ...])``);
 - a folder of plain state-dict files and a function that builds the model (``Run.from_state_dicts``).
 
-Checkpoints are loaded lazily, one at a time, and only through safetensors or
-``torch.load(weights_only=True)``: code inside a checkpoint never runs.
+Steps are read from names by one rule (:func:`parse_step`); a name it does not fit is refused, listed, unless
+``steps=`` maps it. Checkpoints are loaded lazily, one at a time, and only through safetensors or
+``torch.load(weights_only=True)``: code inside a checkpoint never runs. Every load is verified: a weight the
+model lacks, a weight the file lacks, or one of another shape raises CorruptCheckpointError naming the file
+and the keys, so a checkpoint is never measured with parameters left at their random initialization.
 """
 
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import os
 import pickle
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import polars as pl
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 from torch import nn
 
+from workbench.checks import number
 from workbench.errors import (
     CorruptCheckpointError,
     InputError,
@@ -32,38 +41,97 @@ from workbench.errors import (
     UnknownArchitectureError,
     UnsafeCheckpointError,
 )
+from workbench.models.toy import ToyConfig, ToyMoETransformer
 from workbench.samples import SampleSet
 from workbench.store import Store
 
-_STEP_PATTERNS = (
-    re.compile(r"(?:^|[^a-z])(?:global_step|step|checkpoint|ckpt|iter|iteration)[-_]?(\d+)", re.I),
-    re.compile(r"(\d+)"),
-)
+_STEP_WORD = re.compile(r"(?<![a-z])(?:global_step|checkpoint|iteration|step|ckpt|iter)[-_]?(\d+)(?=$|[-_.])", re.I)
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+_WEIGHT_SUFFIXES = (".safetensors", *_PICKLE_SUFFIXES)
+#: The rule of parse_step, in the words of an error message.
+STEP_RULE = ("a step is the number after step, checkpoint, ckpt, iter, iteration or global_step (optionally joined "
+             "by '-' or '_', ended by the name's end or '-', '_', '.'), or a name that is only a number")
+#: Config fields that name a model's architecture: equal across a run's checkpoints, and its identity.
+ARCHITECTURE_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size", "num_experts",
+                     "num_local_experts")
 
 
 def parse_step(name: str) -> int | None:
-    """The training step a checkpoint name stands for: ``step_000100`` → 100, ``checkpoint-2000`` → 2000,
-    ``step5000-tokens20B`` → 5000; None when the name holds no number."""
-    for pat in _STEP_PATTERNS:
-        m = pat.search(name)
-        if m:
-            return int(m.group(1))
-    return None
+    """The training step a checkpoint's name stands for, by one rule: the number right after a step word
+    (``step``, ``checkpoint``, ``ckpt``, ``iter``, ``iteration``, ``global_step``) that starts the name or follows
+    a non-letter, joined directly or by ``-`` / ``_``, and followed by the end of the name or by ``-``, ``_`` or
+    ``.``; or the whole name when it is a number. A weights suffix (``.safetensors``, ``.pt`` ...) is ignored.
+
+    ``step_000100``, ``checkpoint-100``, ``step100-tokens4B``, ``global_step100``, ``iter_0000100``, ``100`` → 100.
+    None for names without such a number (``final-v2``, ``run-2024-05-01``, ``model``) or with two different ones:
+    those are refused, or mapped with ``steps=``.
+    """
+    name = Path(name).name
+    for suffix in _WEIGHT_SUFFIXES:
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    if name.isdigit():
+        return int(name)
+    found = {int(m.group(1)) for m in _STEP_WORD.finditer(name)}
+    return found.pop() if len(found) == 1 else None
+
+
+def steps_of(names: Sequence[str], steps: Mapping[str, int] | None, where: str) -> list[int]:
+    """The step of each name: ``steps[name]`` where given, else :func:`parse_step`. Names that have no step, and
+    keys of ``steps`` that name nothing, are refused, listed."""
+    steps = dict(steps or {})
+    unknown = sorted(set(steps) - set(names))
+    if unknown:
+        raise InputError(f"steps= maps {unknown}, which are not checkpoints of {where}; its checkpoints are "
+                         f"{sorted(names)}")
+    out, bad = [], []
+    for n in names:
+        s = steps[n] if n in steps else parse_step(n)
+        if s is None:
+            bad.append(n)
+            continue
+        s = number(s, f"the step of {n!r}", integer=True)
+        if s < 0:
+            raise InputError(f"the step of {n!r} is {s}; steps are non-negative")
+        out.append(s)
+    if bad:
+        raise InputError(
+            f"cannot tell the step of {bad} in {where}: {STEP_RULE}. Rename them (e.g. step_1000), or map them with "
+            f"steps={{{bad[0]!r}: 1000, ...}} (workbench measure --checkpoint-step {bad[0]}=1000)"
+        )
+    return out
+
+
+def _unreadable(path: Path, exc: BaseException, what: str = "a checkpoint file") -> CorruptCheckpointError:
+    """The error for a checkpoint file that cannot be read, with the fix its cause calls for."""
+    if isinstance(exc, PermissionError):
+        return CorruptCheckpointError(f"{path} cannot be read: permission denied; make it readable for this user "
+                                      f"(chmod a+r)")
+    if isinstance(exc, FileNotFoundError):
+        return CorruptCheckpointError(f"{path} is missing ({what}); copy it again, or save the checkpoint again")
+    return CorruptCheckpointError(f"{path} is not a readable {what} ({exc}); the file is truncated or corrupt: copy "
+                                  "or save the checkpoint again")
 
 
 def check_safetensors(path: Path) -> None:
     """Read a safetensors header; raise CorruptCheckpointError naming the file if it cannot be read."""
-    from safetensors import safe_open
-
     try:
         with safe_open(str(path), framework="pt") as f:
             f.keys()
     except Exception as exc:  # safetensors raises its own SafetensorError, or OSError
-        raise CorruptCheckpointError(
-            f"{path} is not a readable safetensors file ({exc}); the file is truncated or corrupt: "
-            "copy or save the checkpoint again"
-        ) from exc
+        raise _unreadable(path, exc, "safetensors file") from exc
+
+
+def read_config(path: Path) -> dict:
+    """A checkpoint's config.json; CorruptCheckpointError naming it when it cannot be read."""
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise _unreadable(path, exc, "JSON config") from exc
+    if not isinstance(cfg, dict):
+        raise CorruptCheckpointError(f"{path} holds {type(cfg).__name__}, not a config object; save it again")
+    return cfg
 
 
 def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -71,9 +139,10 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     path = Path(path)
     if path.suffix == ".safetensors":
         check_safetensors(path)
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except Exception as exc:  # a header that reads but data that does not
+            raise _unreadable(path, exc, "safetensors file") from exc
     try:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -88,12 +157,43 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             "as a plain state dict of tensors"
         ) from exc
     except (RuntimeError, EOFError, OSError) as exc:
-        raise CorruptCheckpointError(f"{path} cannot be read as a torch checkpoint ({exc}); save it again") from exc
+        raise _unreadable(path, exc, "torch checkpoint") from exc
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CorruptCheckpointError(f"{path} does not hold a state dict of tensors; save model.state_dict()")
     return obj
+
+
+def refuse_unfit(where, missing=(), unexpected=(), mismatched=(), errors=()) -> None:
+    """Raise CorruptCheckpointError naming ``where`` and the keys when a checkpoint's weights do not fit its
+    model: ``missing`` (in the model, not the file: they would stay randomly initialized), ``unexpected`` (in the
+    file, not the model), ``mismatched`` (``(key, shape in the file, shape in the model)``)."""
+    parts = []
+    for what, keys in (("missing", sorted(missing)), ("unexpected", sorted(unexpected))):
+        if keys:
+            parts.append(f"{len(keys)} {what} key(s) ({', '.join(keys[:4])}{', ...' if len(keys) > 4 else ''})")
+    if mismatched:
+        shown = [f"{k}: {tuple(a)} in the file, {tuple(b)} in the model" for k, a, b in sorted(mismatched)[:4]]
+        parts.append(f"{len(mismatched)} key(s) of another shape ({'; '.join(shown)})")
+    if errors:
+        parts.append(f"errors: {'; '.join(map(str, errors))[:300]}")
+    if parts:
+        raise CorruptCheckpointError(
+            f"{where} does not fit the model it is loaded into (from its config or builder): {', '.join(parts)}. The weights belong to another "
+            "architecture or size, or were saved incompletely; a model loaded from them would run with random "
+            "parameters. Pair the weights with the config (or builder) they were saved from, or save them again"
+        )
+
+
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor], where) -> nn.Module:
+    """Copy ``state`` into ``model`` after checking that every key is there, expected, and of the model's shape."""
+    own = model.state_dict()
+    refuse_unfit(where, missing=[k for k in own if k not in state], unexpected=[k for k in state if k not in own],
+                 mismatched=[(k, state[k].shape, v.shape) for k, v in own.items() if k in state
+                             and tuple(state[k].shape) != tuple(v.shape)])
+    model.load_state_dict(state)
+    return model
 
 
 def release(model: nn.Module | None = None) -> None:
@@ -129,8 +229,7 @@ class Checkpoint:
         if self.kind == "builtin":
             model = _load_builtin(self.path)
         elif self.kind == "state_dict":
-            model = self.builder()
-            model.load_state_dict(load_state_dict_file(self.source))
+            model = load_weights(self.builder(), load_state_dict_file(self.source), self.source)
         elif self.kind in ("hf", "hub"):
             model = _load_hf(self.source, revision=self.revision, local=self.kind == "hf", **self.hf_kwargs)
         else:
@@ -143,23 +242,18 @@ class Checkpoint:
 
 
 def _load_builtin(step_dir: Path) -> nn.Module:
-    from workbench.models.toy import ToyConfig, ToyMoETransformer
-
-    info = json.loads((step_dir.parent / "run.json").read_text())
-    model = ToyMoETransformer(ToyConfig.from_dict(info["model"]))
+    info = read_config(step_dir.parent / "run.json")
+    try:
+        model = ToyMoETransformer(ToyConfig.from_dict(info["model"]))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CorruptCheckpointError(f"{step_dir.parent / 'run.json'} does not describe a built-in model ({exc}); "
+                                     "train the run again (workbench demo --retrain)") from exc
     files = sorted(step_dir.glob("*.safetensors")) or sorted(
         f for f in step_dir.iterdir() if f.suffix in _PICKLE_SUFFIXES
     )
     if not files:
         raise NoCheckpointsError(f"{step_dir} holds no weights file; train the run again (workbench demo --retrain)")
-    state = load_state_dict_file(files[0])
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise CorruptCheckpointError(
-            f"{files[0]} does not fit the run's model (missing {missing[:3]}, unexpected {unexpected[:3]}); "
-            "the checkpoint belongs to another run or config"
-        )
-    return model
+    return load_weights(model, load_state_dict_file(files[0]), files[0])
 
 
 def _hf_weight_files(folder: Path) -> tuple[list[Path], list[Path]]:
@@ -168,12 +262,48 @@ def _hf_weight_files(folder: Path) -> tuple[list[Path], list[Path]]:
     return st, other
 
 
+def _check_shards(folder: Path) -> Path | None:
+    """The index of a sharded checkpoint, after checking that it reads and that every shard it names is there;
+    None for an unsharded one."""
+    for name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = folder / name
+        if index.exists():
+            weight_map = read_config(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise CorruptCheckpointError(f"{index} has no weight_map; save the checkpoint again")
+            for shard in sorted(set(weight_map.values())):
+                if not (folder / shard).exists():
+                    raise CorruptCheckpointError(f"{folder / shard} is missing: {index} names it as a shard of the "
+                                                 "checkpoint; copy it again, or save the checkpoint again")
+            return index
+    return None
+
+
+@contextmanager
+def _no_transformers_progress():
+    """transformers' own "Loading weights" bar, off for one load: the measurement loop already shows one bar
+    per checkpoint, and a notebook would get one more progress widget per checkpoint loaded."""
+    from transformers.utils import logging as hf_logging  # transformers is heavy: imported when a model loads
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
 def _load_hf(source: str, revision: str | None = None, local: bool = True, **kwargs) -> nn.Module:
+    # transformers takes seconds to import: only when a Hugging Face checkpoint is loaded
     from transformers import AutoConfig, AutoModelForCausalLM
 
     use_safetensors = None
+    where = f"{source} (revision {revision})" if not local else source
     if local:
         folder = Path(source)
+        read_config(folder / "config.json")
+        index = _check_shards(folder)
         st, other = _hf_weight_files(folder)
         if st:
             for f in st:
@@ -185,6 +315,8 @@ def _load_hf(source: str, revision: str | None = None, local: bool = True, **kwa
             use_safetensors = False
         else:
             raise NoCheckpointsError(f"{folder} has a config.json but no weights (*.safetensors or *.bin)")
+        files = st or other
+        where = str(index) if index else str(files[0]) if len(files) == 1 else str(folder)
     hub_kwargs = {k: kwargs[k] for k in ("cache_dir", "local_files_only", "token") if k in kwargs}
     try:
         config = AutoConfig.from_pretrained(source, revision=revision, trust_remote_code=False, **hub_kwargs)
@@ -193,15 +325,23 @@ def _load_hf(source: str, revision: str | None = None, local: bool = True, **kwa
             f"transformers does not know the architecture of {source} ({exc}); upgrade transformers, or load "
             "the model yourself and pass it to the probes (remote code is never run)"
         ) from exc
+    except OSError as exc:
+        if local:
+            raise _unreadable(Path(source) / "config.json", exc, "config") from exc
+        raise NoCheckpointsError(f"cannot read the config of {where} ({exc}); check the repo id and revision, and "
+                                 "that the hub is reachable or the files are in the cache") from exc
+    kwargs = {"ignore_mismatched_sizes": True, **kwargs}  # mis-shaped weights are reported below, by name
     try:
-        return AutoModelForCausalLM.from_pretrained(
-            source,
-            config=config,
-            revision=revision,
-            trust_remote_code=False,
-            use_safetensors=use_safetensors,
-            **kwargs,
-        )
+        with _no_transformers_progress():
+            model, info = AutoModelForCausalLM.from_pretrained(
+                source,
+                config=config,
+                revision=revision,
+                trust_remote_code=False,
+                use_safetensors=use_safetensors,
+                output_loading_info=True,
+                **kwargs,
+            )
     except ValueError as exc:
         if "Unrecognized configuration class" in str(exc):
             raise UnknownArchitectureError(
@@ -209,6 +349,14 @@ def _load_hf(source: str, revision: str | None = None, local: bool = True, **kwa
                 "workbench measures causal language models"
             ) from exc
         raise
+    except OSError as exc:
+        if local:
+            raise _unreadable(Path(getattr(exc, "filename", None) or source), exc) from exc
+        raise NoCheckpointsError(f"cannot load {where} ({exc}); check the repo id and revision, and that the hub "
+                                 "is reachable or the files are in the cache") from exc
+    refuse_unfit(where, info.get("missing_keys", ()), info.get("unexpected_keys", ()),
+                 info.get("mismatched_keys", ()), info.get("error_msgs", ()))
+    return model
 
 
 # --- runs ----------------------------------------------------------------------------------------------------
@@ -272,6 +420,28 @@ class Run:
     def samples(self, value: SampleSet) -> None:
         self._samples = value
 
+    def identity(self) -> dict:
+        """The run's model as a store's fingerprint records it: its name (which every table's ``run`` column holds),
+        the kind of its checkpoints, and a hash of its architecture (the config fields of
+        :data:`ARCHITECTURE_KEYS`, the built-in model's config, or the parameter shapes a builder makes), but not
+        its paths, so a run folder may move."""
+        first = self.checkpoints[0]
+        if first.kind == "builtin":
+            arch = self.info.get("model")
+        elif first.kind == "hf":
+            cfg = read_config(first.path / "config.json")
+            arch = {k: cfg.get(k) for k in ARCHITECTURE_KEYS}
+        elif first.kind == "state_dict" and first.builder is not None:
+            try:
+                with torch.device("meta"):  # shapes without allocating the weights
+                    arch = {k: list(v.shape) for k, v in first.builder().state_dict().items()}
+            except Exception:  # a builder that cannot run on the meta device: its name stands for it
+                arch = getattr(first.builder, "__qualname__", None)
+        else:  # a hub repo: its id (the run's default name) says it; the config would need a download
+            arch = self.info.get("repo_id")
+        digest = hashlib.sha1(json.dumps(arch, sort_keys=True, default=str).encode()).hexdigest()[:12]
+        return {"name": self.name, "kind": first.kind, "architecture": digest}
+
     @property
     def store(self) -> Store:
         return Store(self.root / "store", run=self.name)
@@ -292,13 +462,12 @@ class Run:
 
     def metrics(self):
         """Training metrics the built-in run recorded at each checkpoint, as a polars table."""
-        import polars as pl
-
         rows = [{"step": c.step, **c.metadata().get("metrics", {})} for c in self.checkpoints]
         return pl.DataFrame(rows)
 
     def tokenizer(self):
-        from transformers import AutoTokenizer
+        """The tokenizer saved with the first checkpoint (Hugging Face runs)."""
+        from transformers import AutoTokenizer  # seconds to import: only when asked for
 
         first = self.checkpoints[0]
         return AutoTokenizer.from_pretrained(first.source, revision=first.revision)
@@ -312,37 +481,40 @@ class Run:
         samples: SampleSet | None = None,
         name: str | None = None,
         store_root: str | os.PathLike | None = None,
+        steps: Mapping[str, int] | None = None,
         **hf_kwargs,
     ) -> "Run":
-        """A built-in run folder, or a folder of HF checkpoints (one subfolder per step)."""
+        """A built-in run folder, or a folder of HF checkpoints (one subfolder per step). Steps are read from the
+        subfolders' names (:func:`parse_step`); ``steps`` maps names that do not fit the rule (``{"final-v2":
+        5000}``)."""
         folder = Path(path)
         if not folder.is_dir():
             raise NoCheckpointsError(f"{folder} is not a folder; give the folder that holds the checkpoints")
         if (folder / "run.json").exists():
-            info = json.loads((folder / "run.json").read_text())
-            ckpts = [
-                Checkpoint(step=parse_step(d.name), source=str(d), kind="builtin")
-                for d in sorted(folder.glob("step_*"))
-                if d.is_dir()
-            ]
-            if not ckpts:
+            info = read_config(folder / "run.json")
+            dirs = [d for d in sorted(folder.glob("step_*")) if d.is_dir()]
+            if not dirs:
                 raise NoCheckpointsError(f"built-in run {folder} has no step_* folders; train it again")
+            found = steps_of([d.name for d in dirs], steps, folder)
+            ckpts = [Checkpoint(step=s, source=str(d), kind="builtin") for s, d in zip(found, dirs)]
             return cls(name or info.get("name", folder.name), ckpts, root=store_root or folder, samples=samples,
                        info=info, folder=folder)
         ckpts = []
         if (folder / "config.json").exists():  # a single HF checkpoint
             ckpts.append(Checkpoint(step=0, source=str(folder), kind="hf", hf_kwargs=hf_kwargs))
-        for d in sorted(folder.iterdir()):
-            if d.is_dir() and (d / "config.json").exists():
-                step = parse_step(d.name)
-                if step is None:
-                    raise InputError(
-                        f"cannot tell the step of checkpoint folder {d.name!r}; name it with its step, "
-                        "e.g. step_1000 or checkpoint-1000"
-                    )
-                ckpts.append(Checkpoint(step=step, source=str(d), kind="hf", hf_kwargs=hf_kwargs))
+        dirs = [d for d in sorted(folder.iterdir()) if d.is_dir() and (d / "config.json").exists()]
+        orphans = [d for d in sorted(folder.iterdir()) if d.is_dir() and d not in dirs and parse_step(d.name) is not None
+                   and any(f.suffix in _WEIGHT_SUFFIXES for f in d.iterdir())]
+        if orphans:
+            raise CorruptCheckpointError(
+                f"{orphans[0] / 'config.json'} is missing: {orphans[0]} holds weights but no config.json, so its "
+                "architecture is unknown; copy the config it was saved with into it"
+                + (f" (the same holds for {', '.join(d.name for d in orphans[1:])})" if len(orphans) > 1 else "")
+            )
+        found = steps_of([d.name for d in dirs], steps, folder)
+        ckpts += [Checkpoint(step=s, source=str(d), kind="hf", hf_kwargs=hf_kwargs) for s, d in zip(found, dirs)]
         if not ckpts:
-            loose = [f.name for f in folder.iterdir() if f.suffix in (".safetensors", *_PICKLE_SUFFIXES)]
+            loose = [f.name for f in folder.iterdir() if f.suffix in _WEIGHT_SUFFIXES]
             hint = (
                 f" It holds weight files ({', '.join(loose[:3])}) without configs: use Run.from_state_dicts with "
                 "a function that builds the model."
@@ -362,25 +534,25 @@ class Run:
         repo_id: str,
         revisions: Sequence[str],
         *,
-        steps: Sequence[int] | None = None,
+        steps: Sequence[int] | Mapping[str, int] | None = None,
         samples: SampleSet | None = None,
         store_root: str | os.PathLike | None = None,
         name: str | None = None,
         **hf_kwargs,
     ) -> "Run":
         """Revisions of a hub model (``step1000`` for Pythia, ``step5000-tokens20B`` for OLMoE). Weights download
-        on first load into the Hugging Face cache; steps are parsed from the revision names unless given."""
+        on first load into the Hugging Face cache; steps are parsed from the revision names unless given (one per
+        revision, or a mapping for the names the rule does not fit)."""
         if not revisions:
             raise NoCheckpointsError(f"no revisions given for {repo_id}; list the branches or tags to load")
-        if steps is None:
-            steps = [parse_step(r) for r in revisions]
-            bad = [r for r, s in zip(revisions, steps) if s is None]
-            if bad:
-                raise InputError(f"cannot tell the steps of revisions {bad}; pass steps= explicitly")
+        revisions = list(revisions)
+        if steps is None or isinstance(steps, Mapping):
+            steps = steps_of(revisions, steps, repo_id)
         if len(steps) != len(revisions):
             raise InputError(f"{len(revisions)} revisions but {len(steps)} steps; give one step per revision")
         ckpts = [
-            Checkpoint(step=int(s), source=repo_id, kind="hub", revision=r, hf_kwargs=hf_kwargs)
+            Checkpoint(step=number(s, f"the step of revision {r!r}", integer=True), source=repo_id, kind="hub",
+                       revision=r, hf_kwargs=hf_kwargs)
             for s, r in zip(steps, revisions)
         ]
         root = Path(store_root) if store_root else Path("workbench-runs") / repo_id.replace("/", "--")
@@ -392,33 +564,36 @@ class Run:
         files: str | os.PathLike | Sequence[str | os.PathLike],
         build: Callable[[], nn.Module],
         *,
-        steps: Sequence[int] | None = None,
+        steps: Sequence[int] | Mapping[str, int] | None = None,
         samples: SampleSet | None = None,
         name: str | None = None,
         store_root: str | os.PathLike | None = None,
     ) -> "Run":
         """Plain state-dict files (safetensors, or torch files loaded with ``weights_only=True``) and a
-        function that builds an empty model of the right shape."""
+        function that builds an empty model of the right shape. Steps are parsed from the file names unless
+        given: one per file, or a mapping of file names to steps for the names the rule does not fit."""
         if isinstance(files, (str, os.PathLike)) and Path(files).is_dir():
             folder = Path(files)
-            files = sorted(f for f in folder.iterdir() if f.suffix in (".safetensors", *_PICKLE_SUFFIXES))
+            files = sorted(f for f in folder.iterdir() if f.suffix in _WEIGHT_SUFFIXES)
         else:
             files = [Path(f) for f in ([files] if isinstance(files, (str, os.PathLike)) else files)]
             folder = files[0].parent if files else Path(".")
         if not files:
             raise NoCheckpointsError(f"no *.safetensors or *.pt files in {folder}")
-        steps = list(steps) if steps is not None else [parse_step(f.stem) for f in files]
-        if any(s is None for s in steps):
-            raise InputError("cannot tell the steps from the file names; pass steps= explicitly")
-        ckpts = [Checkpoint(step=s, source=str(f), kind="state_dict", builder=build) for s, f in zip(steps, files)]
+        if steps is None or isinstance(steps, Mapping):
+            steps = steps_of([f.name for f in files], steps, folder)
+        if len(steps) != len(files):
+            raise InputError(f"{len(files)} files but {len(steps)} steps; give one step per file")
+        ckpts = [Checkpoint(step=number(s, f"the step of {f.name!r}", integer=True), source=str(f), kind="state_dict",
+                            builder=build) for s, f in zip(steps, files)]
         return cls(name or folder.name, ckpts, root=store_root or folder, samples=samples, folder=folder)
 
 
 def _check_same_architecture(folders: Sequence[Path]) -> None:
-    keys = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size", "num_experts", "num_local_experts")
+    keys = ARCHITECTURE_KEYS
     seen = None
     for f in folders:
-        cfg = json.loads((f / "config.json").read_text())
+        cfg = read_config(f / "config.json")
         sig = {k: cfg.get(k) for k in keys}
         if seen is None:
             seen = (f, sig)

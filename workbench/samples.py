@@ -1,24 +1,99 @@
 """Sample sets: the texts a run is measured on, each with a stable id and a group.
 
 A sample is a token sequence ``input_ids`` with ``targets`` of the same length, already shifted:
-``targets[t]`` is the token the model should predict from position ``t``, or -100 where nothing is scored.
-A pretraining text scores every next token; a modular-addition sample scores only its answer; a
+``targets[t]`` is the token the model should predict from position ``t``, or -100 (:data:`IGNORE`) where nothing
+is scored. A pretraining text scores every next token; a modular-addition sample scores only its answer; a
 (prompt, completion) pair scores only the completion. Loss and accuracy of a sample are means over its
 scored positions.
+
+Checked when a set is made, so that nothing wrong reaches a model: token ids are integers (a float or a bool
+is refused, never truncated) and non-negative; a target is a token id or -100, any other negative is refused;
+ids are unique; no group takes the reserved name of the overall group (:data:`OVERALL`). Against a model
+(:meth:`SampleSet.fit`): ids within its vocabulary, lengths within its positions (longer samples are refused,
+or cut when asked).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import numpy as np
 import polars as pl
 import torch
 
-from workbench.errors import InputError
+from workbench.errors import InputError, TokenizerMismatchError
+from workbench.store import write_parquet_atomic
 
+#: The one target value that means "nothing is scored here" (the ``ignore_index`` of torch's cross-entropy).
 IGNORE = -100
+#: The group every sample belongs to besides its own: tables hold one row for it beside each group's. Reserved:
+#: no sample's group may be named so (nor ``all:<split>``, whose task would be this name too).
+OVERALL = "all"
+#: The group of samples made without groups (OVERALL is taken by the overall group).
+DEFAULT_GROUP = "samples"
+
+
+def check_group(name: str) -> None:
+    """Refuse the overall group's reserved name (and ``all:<split>``) as a sample's group."""
+    if name == OVERALL or name.startswith(OVERALL + ":"):
+        raise InputError(
+            f"group {name!r} uses the reserved name {OVERALL!r}: every table already has an overall {OVERALL!r} "
+            f"row holding every sample, so a group of that name would give two values under one key; rename the "
+            f"group (e.g. {DEFAULT_GROUP!r}, or leave groups out for one group)"
+        )
+
+
+def _token_ids(values, sid: str, what: str) -> list[int]:
+    """One sample's ``input_ids`` or ``targets`` as a list of Python ints; floats and bools are refused (a float
+    id would be truncated, a bool read as 0 or 1)."""
+    if isinstance(values, (torch.Tensor, np.ndarray)):
+        kind = values.dtype
+        integral = (not values.is_floating_point() and not values.is_complex() and kind != torch.bool
+                    if isinstance(values, torch.Tensor) else np.issubdtype(kind, np.integer))
+        if not integral or values.ndim != 1:
+            raise InputError(f"the {what} of sample {sid!r} are a {values.ndim}-d {kind} array; token ids are a 1-d "
+                             "sequence of integers (a float id would be truncated)")
+        return values.tolist()
+    values = list(values)
+    if all(type(v) is int for v in values):  # the usual case, checked at C speed
+        return values
+    out = []
+    for pos, v in enumerate(values):
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+            raise InputError(
+                f"the {what} of sample {sid!r} hold {v!r} ({type(v).__name__}) at position {pos}; token ids are "
+                "integers (a float id would be truncated, a bool read as 0 or 1): tokenize again, or cast with int()"
+            )
+        out.append(int(v))
+    return out
+
+
+def per_group(groups: Sequence[str]) -> list[tuple[str, torch.Tensor]]:
+    """Each group of ``groups`` (one label per sample) with the indices of its samples, in order of first
+    appearance, then :data:`OVERALL` with every index: the rows a per-group table holds."""
+    index: dict[str, list[int]] = {}
+    for i, g in enumerate(groups):
+        index.setdefault(g, []).append(i)
+    rows = [(g, torch.tensor(idx, dtype=torch.long)) for g, idx in index.items()]
+    return rows + [(OVERALL, torch.arange(len(groups)))]
+
+
+def split_group(group: str) -> tuple[str, str]:
+    """``"task:split"`` → (task, split); a group without ':' is split ``group`` of task :data:`OVERALL`."""
+    task, sep, split = group.rpartition(":")
+    return (task, split) if sep else (OVERALL, group)
+
+
+def shift_completion(prompt: Sequence[int], completion: Sequence[int]) -> tuple[list[int], list[int]]:
+    """Inputs and targets of a (prompt, completion) pair whose completion alone is scored: the model sees the
+    prompt and all but the last completion token, and position t predicts token t + 1."""
+    full = list(prompt) + list(completion)
+    return full[:-1], [IGNORE] * (len(prompt) - 1) + list(completion)
 
 
 @dataclass
@@ -42,15 +117,29 @@ class SampleSet:
         self.ids = [str(i) for i in self.ids]
         self.groups = [str(g) for g in self.groups]
         if len(set(self.ids)) != n:
-            raise InputError("sample ids must be unique; give each sample its own id")
+            seen: set[str] = set()
+            dup = next(i for i in self.ids if i in seen or seen.add(i))
+            raise InputError(f"sample ids must be unique; {dup!r} is given twice: give each sample its own id")
+        for g in dict.fromkeys(self.groups):
+            check_group(g)
+        self.input_ids = [_token_ids(x, sid, "input ids") for x, sid in zip(self.input_ids, self.ids)]
+        self.targets = [_token_ids(y, sid, "targets") for y, sid in zip(self.targets, self.ids)]
         self.lengths = [len(x) for x in self.input_ids]
-        for i, (x, y) in enumerate(zip(self.input_ids, self.targets)):
+        for sid, x, y in zip(self.ids, self.input_ids, self.targets):
             if len(x) == 0:
-                raise InputError(f"sample {self.ids[i]!r} has no tokens; drop it or give it text")
+                raise InputError(f"sample {sid!r} has no tokens; drop it or give it text")
             if len(y) != len(x):
                 raise InputError(
-                    f"sample {self.ids[i]!r} has {len(x)} input tokens but {len(y)} targets; targets must be "
-                    "aligned with the inputs (use -100 where nothing is scored)"
+                    f"sample {sid!r} has {len(x)} input tokens but {len(y)} targets; targets must be "
+                    f"aligned with the inputs (use {IGNORE} where nothing is scored)"
+                )
+            if min(x) < 0:
+                raise InputError(f"sample {sid!r} has a negative input id ({min(x)}); token ids start at 0")
+            if min(y) < 0 and any(t < 0 and t != IGNORE for t in y):
+                bad = next(t for t in y if t < 0 and t != IGNORE)
+                raise InputError(
+                    f"sample {sid!r} has the target {bad}; a target is a token id, or {IGNORE} where nothing is "
+                    f"scored (the one ignore value: {bad} would be scored as a token)"
                 )
 
     def __len__(self) -> int:
@@ -78,9 +167,36 @@ class SampleSet:
         return self.select(self.indices(name))
 
     def max_token(self) -> int:
+        """The largest token id among the inputs and the scored targets."""
         if self._max_token is None:
-            self._max_token = max(max(x) for x in self.input_ids)
+            self._max_token = max(max(max(x), max(y)) for x, y in zip(self.input_ids, self.targets))
         return self._max_token
+
+    def fit(self, vocab_size: int | None = None, n_positions: int | None = None, *,
+            truncate: bool = False) -> "SampleSet":
+        """These samples checked against a model that takes ``vocab_size`` token ids and ``n_positions`` tokens
+        (None: not known, not checked). A token id outside the vocabulary raises TokenizerMismatchError; a sample
+        longer than ``n_positions`` raises InputError, or with ``truncate=True`` is cut to its first
+        ``n_positions`` tokens (its targets with it). Returns this set, or the cut copy."""
+        if vocab_size is not None and self.max_token() >= vocab_size:
+            sid = next(i for i, x, y in zip(self.ids, self.input_ids, self.targets) if max(max(x), max(y)) >= vocab_size)
+            raise TokenizerMismatchError(
+                f"sample token ids reach {self.max_token()} (first in sample {sid!r}) but the model's vocabulary has "
+                f"{vocab_size} tokens; tokenize the samples with the model's own tokenizer"
+            )
+        if n_positions is None or max(self.lengths) <= n_positions:
+            return self
+        long = [(sid, n) for sid, n in zip(self.ids, self.lengths) if n > n_positions]
+        if not truncate:
+            names = ", ".join(f"{sid!r} ({n} tokens)" for sid, n in long[:3])
+            raise InputError(
+                f"{len(long)} sample(s) are longer than the model's {n_positions} positions: {names}; shorten or split "
+                "them, or pass truncate=True (workbench measure --truncate) to cut them to their first "
+                f"{n_positions} tokens"
+            )
+        cut = SampleSet(self.ids, self.groups, [x[:n_positions] for x in self.input_ids],
+                        [y[:n_positions] for y in self.targets])
+        return cut
 
     def padded(self, indices: Sequence[int], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Right-padded ``input_ids``, ``targets`` (-100 on padding) and ``attention_mask`` for a batch."""
@@ -97,11 +213,13 @@ class SampleSet:
     def from_token_lists(
         cls, tokens: Sequence[Sequence[int]], ids: Sequence[str] | None = None, groups: Sequence[str] | None = None
     ) -> "SampleSet":
-        """Language-model samples: every next token is scored."""
-        tokens = [list(map(int, t)) for t in tokens]
+        """Language-model samples: every next token is scored. Without ``groups``, all are in one group named
+        :data:`DEFAULT_GROUP`."""
+        tokens = [_token_ids(t, str(ids[i] if ids is not None and i < len(ids) else i), "tokens")
+                  for i, t in enumerate(tokens)]
         return cls(
             ids=list(ids) if ids is not None else [str(i) for i in range(len(tokens))],
-            groups=list(groups) if groups is not None else ["all"] * len(tokens),
+            groups=list(groups) if groups is not None else [DEFAULT_GROUP] * len(tokens),
             input_ids=tokens,
             targets=[t[1:] + [IGNORE] for t in tokens],
         )
@@ -135,17 +253,23 @@ class SampleSet:
             ct = tokenizer(c, add_special_tokens=False)["input_ids"]
             if not ct:
                 raise InputError(f"completion {k} is empty; every query needs at least one completion token")
-            full = list(pt) + list(ct)
-            # The model sees the prompt and all but the last completion token; position t predicts t+1.
-            inputs.append(full[:-1])
-            targets.append([IGNORE] * (len(pt) - 1) + list(ct))
+            x, y = shift_completion(pt, ct)
+            inputs.append(x)
+            targets.append(y)
         n = len(inputs)
         return cls(
             ids=list(ids) if ids is not None else [str(i) for i in range(n)],
-            groups=list(groups) if groups is not None else ["all"] * n,
+            groups=list(groups) if groups is not None else [DEFAULT_GROUP] * n,
             input_ids=inputs,
             targets=targets,
         )
+
+    def digest(self) -> str:
+        """A short hash of the ids, tokens and targets: equal digests, equal samples."""
+        h = hashlib.sha1()
+        for sid, x, y in zip(self.ids, self.input_ids, self.targets):
+            h.update(json.dumps([sid, x, y]).encode())
+        return h.hexdigest()[:12]
 
     # --- persistence ----------------------------------------------------------------------------------------
     def to_frame(self) -> pl.DataFrame:
@@ -160,8 +284,6 @@ class SampleSet:
         )
 
     def save(self, path: str | os.PathLike) -> None:
-        from workbench.store import write_parquet_atomic
-
         write_parquet_atomic(self.to_frame(), path)
 
     @classmethod
@@ -173,6 +295,57 @@ class SampleSet:
             input_ids=df["input_ids"].to_list(),
             targets=df["targets"].to_list(),
         )
+
+
+def read_samples(path: str | os.PathLike, tokenizer, *, group: str | None = None) -> tuple[SampleSet, pl.DataFrame]:
+    """Samples from a JSONL, JSON, CSV or Parquet file, one row per sample, tokenized with ``tokenizer``.
+
+    Columns: ``text`` (every next token is scored), or ``prompt`` and ``completion`` (only the completion is
+    scored; ``text`` with ``target`` means the same), optional ``id`` (where missing: the row number) and
+    ``group`` (where missing: ``group``, else the file's stem; :data:`OVERALL` is reserved). Rows may mix the two kinds. The completion is tokenized
+    without special tokens and appended to the prompt's tokens, so give it the leading space the tokenizer
+    expects. Returns the samples and the file's columns keyed by ``sample_id`` (for views to show).
+    """
+    path = Path(path)
+    readers = {".jsonl": pl.read_ndjson, ".ndjson": pl.read_ndjson, ".json": pl.read_json, ".csv": pl.read_csv,
+               ".parquet": pl.read_parquet}
+    if path.suffix not in readers:
+        raise InputError(f"{path} is not a samples file: give a .jsonl, .json, .csv or .parquet file")
+    if not path.exists():
+        raise InputError(f"no samples file at {path}")
+    try:
+        df = readers[path.suffix](path)
+    except (pl.exceptions.PolarsError, OSError, ValueError) as exc:
+        raise InputError(f"{path} cannot be read as {path.suffix[1:]} ({exc}); check the file") from exc
+    if df.is_empty():
+        raise InputError(f"{path} holds no samples; give one row per sample")
+    if "target" in df.columns and "completion" not in df.columns:
+        df = df.rename({"target": "completion"}).with_columns(prompt=pl.col("text"))
+    has_text, has_pair = "text" in df.columns, {"prompt", "completion"} <= set(df.columns)
+    if not has_text and not has_pair:
+        raise InputError(f"{path} has columns {df.columns}; a samples file needs 'text', or 'prompt' and "
+                         "'completion' (or 'text' and 'target')")
+    column = lambda name: df[name].to_list() if name in df.columns else [None] * df.height  # noqa: E731
+    ids = [str(k) if i is None else str(i) for k, i in enumerate(column("id"))]
+    stem = path.stem if path.stem != OVERALL else DEFAULT_GROUP  # a file named all.jsonl: OVERALL is reserved
+    groups = [group or stem if g is None else str(g) for g in column("group")]
+    inputs, targets = [], []
+    for k, row in enumerate(df.iter_rows(named=True)):
+        prompt, completion = (row.get("prompt"), row.get("completion")) if has_pair else (None, None)
+        if prompt is not None and completion is not None:
+            c = tokenizer(str(completion), add_special_tokens=False)["input_ids"]
+            if not c:
+                raise InputError(f"sample {ids[k]!r} of {path} has an empty completion; give it at least one token")
+            x, y = shift_completion(tokenizer(str(prompt))["input_ids"], c)
+        elif row.get("text") is not None:
+            x = list(tokenizer(str(row["text"]))["input_ids"])
+            y = x[1:] + [IGNORE]
+        else:
+            raise InputError(f"sample {ids[k]!r} of {path} has neither a text nor a prompt and a completion")
+        inputs.append(x)
+        targets.append(y)
+    info = df.drop([c for c in ("id", "group") if c in df.columns]).with_columns(sample_id=pl.Series(ids))
+    return SampleSet(ids=ids, groups=groups, input_ids=inputs, targets=targets), info
 
 
 def length_buckets(lengths: Sequence[int], token_budget: int = 16384, max_batch: int = 4096) -> list[list[int]]:

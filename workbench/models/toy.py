@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from workbench.errors import InputError
+
 
 @dataclass(frozen=True)
 class ToyConfig:
@@ -162,8 +164,6 @@ class ToyMoETransformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **_):
         if input_ids.shape[1] > self.config.n_ctx:
-            from workbench.errors import InputError
-
             raise InputError(
                 f"input of {input_ids.shape[1]} tokens is longer than the model's context of "
                 f"{self.config.n_ctx}; truncate the samples or use a model with a longer context"

@@ -11,8 +11,9 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
-from workbench.toys.cache import config_folder, ensure_trained, home, pinned_threads, quick_from_env
 from workbench.models.toy import ToyConfig, ToyMoETransformer
+from workbench.runs import Run
+from workbench.toys.cache import config_folder, ensure_trained, home, pinned_threads, quick_from_env
 from workbench.toys.modular import modular_addition
 from workbench.toys.shipped import install, is_shipped_copy, shipped_folder
 from workbench.toys.train import GrokConfig, checkpoint_steps, train_modular
@@ -43,8 +44,6 @@ def ensure_run(
     trained, so every machine shows the same run; ``shipped=False`` trains it here (replacing an installed
     copy), and ``retrain=True`` trains it again whatever the folder holds.
     """
-    from workbench.runs import Run
-
     if config is None:
         config = QUICK if quick_from_env(quick) else DEMO
     folder = config_folder(config, root)

@@ -1,7 +1,7 @@
 """A synthetic pretraining corpus of factual and procedural documents, with queries about both.
 
 The corpus mirrors, at toy scale, the two kinds of knowledge Ruis et al. (arXiv 2411.12580) traced with
-influence functions (SPEC.md section 2):
+influence functions (docs/probes.md, "Influence"):
 
 - **factual documents** state one attribute of one made-up entity, in one of several wordings
   (``the color of vorbi is teal .``, ``q : what is the color of vorbi ? a : teal .`` ...). Each fact is

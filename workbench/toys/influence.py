@@ -13,15 +13,15 @@ from workbench.probes.influence.measurement import measure_influence
 from workbench.runs import Run
 from workbench.samples import SampleSet
 from workbench.store import Store
+from workbench.toys.lm import lm_corpus
+from workbench.toys.modular import ModularTokenizer
 
 
-def builtin_influence(run: Run, *, steps: Sequence[int] | None = None, name: str = "influence",
+def builtin_influence(run: Run, *, steps: Sequence[int] | None = None,
                       queries: str = "selected", **kwargs) -> Store:
     """:func:`measure_influence` on the built-in language-model run (:func:`workbench.toys.lm.ensure_lm_run`):
     its documents, its queries (``"selected"``: those the last checkpoint answers right; ``"all"``: every
     candidate), its tokenizer and the corpus's information columns."""
-    from workbench.toys.lm import lm_corpus
-
     if queries not in ("selected", "all"):
         raise InputError(f"queries must be 'selected' or 'all', not {queries!r}")
     corpus = lm_corpus(run, selected_only=queries == "selected")
@@ -30,7 +30,7 @@ def builtin_influence(run: Run, *, steps: Sequence[int] | None = None, name: str
                          "selected; train longer, or pass queries='all'")
     q_info = corpus.queries.select("query_id", "kind", "task", "entity", "attribute", "prompt", "completion", "answer")
     d_info = corpus.documents.select("doc_id", "kind", "task", "entity", "attribute", "value", "answer", "text")
-    return measure_influence(run, corpus.query_samples(), corpus.document_samples(), steps=steps, name=name,
+    return measure_influence(run, corpus.query_samples(), corpus.document_samples(), steps=steps,
                              tokenizer=corpus.tokenizer, document_info=d_info, query_info=q_info, **kwargs)
 
 
@@ -52,15 +52,13 @@ def phase_steps(run: Run, n: int = 4) -> list[int]:
 
 
 def grokking_influence(run: Run, *, steps: Sequence[int] | None = None, n_queries: int = 16, seed: int = 0,
-                       name: str = "influence", **kwargs) -> Store:
+                       **kwargs) -> Store:
     """:func:`measure_influence` on a built-in modular-addition run: the training pairs are the documents
     (their loss is the training loss: the answer after ``a b =``), ``n_queries`` test pairs drawn with
     ``seed`` are the queries, at :func:`phase_steps` by default. The information columns hold each pair's
     ``a``, ``b``, ``answer`` and text, so the views show ``3 + 4 = 7`` and
     :func:`~workbench.probes.influence.findings.same_answer_share` can ask whether a test answer leans on
     training pairs with the same answer."""
-    from workbench.toys.modular import ModularTokenizer
-
     samples = run.samples
     if samples is None or not {"train", "test"} <= set(samples.groups):
         raise InputError(f"run {run.name!r} has no train and test samples; give a built-in modular-addition run")
@@ -80,7 +78,7 @@ def grokking_influence(run: Run, *, steps: Sequence[int] | None = None, n_querie
                              "text": [f"{x} + {y} = {z}" for x, y, z in zip(a, b, c)]})
 
     return measure_influence(run, queries, docs, steps=steps if steps is not None else phase_steps(run),
-                             name=name, tokenizer=ModularTokenizer(p), document_info=info(docs, "doc_id"),
+                             tokenizer=ModularTokenizer(p), document_info=info(docs, "doc_id"),
                              query_info=info(queries, "query_id"), **kwargs)
 
 

@@ -28,10 +28,11 @@ import torch
 import torch.nn.functional as F
 
 from workbench.errors import InputError
+from workbench.models.toy import ToyConfig, ToyMoETransformer
+from workbench.runs import Run
 from workbench.samples import IGNORE, SampleSet
 from workbench.toys.cache import config_folder, ensure_trained, pinned_threads, quick_from_env
 from workbench.toys.corpus import Corpus, CorpusConfig, WordTokenizer, make_corpus
-from workbench.models.toy import ToyConfig, ToyMoETransformer
 from workbench.toys.train import RUN_FORMAT, adamw, building, save_checkpoint, train_loop
 
 
@@ -83,8 +84,6 @@ def ensure_lm_run(config: LMConfig | None = None, *, quick: bool | None = None,
 
     ``quick`` (default: the environment variable ``WORKBENCH_QUICK`` is 1) picks :data:`LM_QUICK`.
     """
-    from workbench.runs import Run
-
     if config is None:
         config = LM_QUICK if quick_from_env(quick) else LM_DEMO
     folder = run_folder(config, root)

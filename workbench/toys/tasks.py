@@ -1,5 +1,5 @@
 """Built-in forgetting study: synthetic two-option tasks, a small MoE transformer trained on all of them,
-then made to forget each task in turn by fine-tuning on random labels (SPEC section 3).
+then made to forget each task in turn by fine-tuning on random labels (docs/probes.md, "Forgetting").
 
 Five tasks of different kinds, each a sequence ``[TASK, content..., ?]`` answered at the last position by
 one of two tokens, ``A`` or ``B``:
@@ -28,10 +28,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from workbench.models.toy import ToyConfig, ToyMoETransformer
 from workbench.probes.forgetting import ChoiceTask, combine, forget, open_forgetting_run, save_choices
+from workbench.runs import Run
 from workbench.samples import IGNORE, SampleSet
 from workbench.toys.cache import config_folder, locked, pinned_threads, quick_from_env
-from workbench.models.toy import ToyConfig, ToyMoETransformer
 from workbench.toys.train import RUN_FORMAT, adamw, building, checkpoint_steps, save_checkpoint, train_loop
 
 N_CONTENT = 64
@@ -227,8 +228,6 @@ def ensure_tasks_run(
     progress: bool = True,
 ) -> TasksRun:
     """The built-in forgetting study, trained first if needed (``quick`` defaults to ``WORKBENCH_QUICK=1``)."""
-    from workbench.runs import Run
-
     if config is None:
         config = QUICK if quick_from_env(quick) else DEMO
     folder = study_folder(config, root)

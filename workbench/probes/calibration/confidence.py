@@ -1,4 +1,4 @@
-"""Confidence from a model, three ways (SPEC section 4; Steyvers et al., arXiv 2510.05126).
+"""Confidence from a model, three ways (docs/probes.md, "Calibration"; Steyvers et al., arXiv 2510.05126).
 
 - **Option probabilities**: the probability of the chosen answer among the options of a multiple-choice
   question, from the log-likelihood of each option's tokens after the prompt (optionally length-normalized:
@@ -24,7 +24,7 @@ import torch
 
 from workbench.capture import CaptureSpec, capture, default_device
 from workbench.errors import InputError
-from workbench.samples import IGNORE, SampleSet
+from workbench.samples import SampleSet, shift_completion
 
 
 # --- from logits ---------------------------------------------------------------------------------------------
@@ -116,9 +116,9 @@ def score_options(model, prompts: Sequence, options: Sequence[Sequence], *, toke
             o = list(tokenizer(opt, add_special_tokens=False)["input_ids"]) if tokenizer is not None else list(opt)
             if not o:
                 raise InputError(f"option {k} of question {i} has no tokens")
-            full = p + o
-            inputs.append(full[:-1])  # position t predicts token t + 1: only the option's tokens are scored
-            targets.append([IGNORE] * (len(p) - 1) + o)
+            x, y = shift_completion(p, o)  # only the option's tokens are scored
+            inputs.append(x)
+            targets.append(y)
             where.append((i, k))
     samples = SampleSet(ids=[f"{i}:{k}" for i, k in where], groups=["options"] * len(where),
                         input_ids=inputs, targets=targets)

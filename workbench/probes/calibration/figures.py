@@ -14,22 +14,12 @@ import polars as pl
 from plotly.subplots import make_subplots
 
 from workbench.errors import InputError
-from workbench.figures import color, nearest_step
+from workbench.figures import (ALL_STEPS, Section, color, nearest_step, pick_groups, rgba, step_axis, step_line,
+                               step_x, value_at, with_slider)
 
 METRIC_LABELS = {"ece": "ECE", "mce": "MCE", "brier": "Brier score", "nll": "NLL (nats)", "auroc": "AUROC",
                  "auprc": "AUPRC", "accuracy": "accuracy", "confidence": "mean confidence",
                  "overconfidence": "confidence − accuracy", "ece_quantile": "ECE (equal-mass bins)"}
-
-
-def _groups(table: pl.DataFrame, groups: Sequence[str] | None) -> list[str]:
-    present = table["group"].unique(maintain_order=True).to_list()
-    if groups is None:
-        named = [g for g in present if g != "all"]
-        return named or present
-    missing = [g for g in groups if g not in present]
-    if missing:
-        raise InputError(f"the calibration table has no group {missing[0]!r}; it has {present}")
-    return list(groups)
 
 
 def _check(table: pl.DataFrame) -> None:
@@ -37,10 +27,6 @@ def _check(table: pl.DataFrame) -> None:
         raise InputError("the calibration table is empty; measure the run with Calibration() first")
     if "bin" not in table.columns:
         raise InputError("this table has no 'bin' column: it is not the table of the 'calibration' measurement")
-
-
-def _x(steps: Sequence[int], log_x: bool) -> list[int]:
-    return [max(s, 1) for s in steps] if log_x else list(steps)
 
 
 def _values(rows: pl.DataFrame) -> list:
@@ -104,7 +90,7 @@ def reliability_diagram(table: pl.DataFrame, step: int | None = None, groups: Se
     confidence (diamonds) and the diagonal; bars below the diagonal are over-confident bins."""
     _check(table)
     step = nearest_step(table["step"].unique().to_list(), step)
-    groups = _groups(table, groups)
+    groups = pick_groups(table, groups, "calibration")
     fig = go.Figure()
     summary = _add_reliability(fig, table, step, groups)
     fig.update_xaxes(title_text="confidence", range=[0, 1])
@@ -116,59 +102,87 @@ def reliability_diagram(table: pl.DataFrame, step: int | None = None, groups: Se
 
 
 # --- over steps ------------------------------------------------------------------------------------------------
+def _band(steps: list[int], low: list, high: list, x: list) -> tuple[list, list]:
+    """The interval as closed polygons, one per run of steps where both ends are defined, separated by None:
+    a band never spans a step where the interval is missing (``fill="tonexty"`` would draw a wedge across)."""
+    xs, ys = [], []
+    run: list[int] = []
+    for i in range(len(steps) + 1):
+        ok = i < len(steps) and low[i] is not None and high[i] is not None
+        if ok:
+            run.append(i)
+            continue
+        if run:
+            xs += [x[j] for j in run] + [x[j] for j in reversed(run)] + [None]
+            ys += [high[j] for j in run] + [low[j] for j in reversed(run)] + [None]
+        run = []
+    return xs, ys
+
+
 def _add_over_steps(fig: go.Figure, table: pl.DataFrame, metric: str, groups: list[str], log_x: bool,
-                    row=None, col=None, showlegend: bool = True) -> None:
+                    all_steps: list[int], step: int | None = None, row=None, col=None,
+                    showlegend: bool = True) -> list[str]:
+    """Per group: the bootstrap band (if measured), the line, and with ``step`` the value there as a point.
+    The same traces at every step. Returns "group value" strings at ``step`` for the title."""
     where = dict(row=row, col=col) if row is not None else {}
+    label = METRIC_LABELS.get(metric, metric)
+    at = []
     for i, g in enumerate(groups):
         d = _scalar(table, metric, g)
-        x = _x(d["step"].to_list(), log_x)
+        steps, values = d["step"].to_list(), _values(d)
+        x = step_x(steps, log_x, all_steps)
         c = color(g, i)
         lo, hi = _scalar(table, f"{metric}_low", g), _scalar(table, f"{metric}_high", g)
         if not lo.is_empty() and not hi.is_empty():
-            xb = _x(lo["step"].to_list(), log_x)
-            fig.add_trace(go.Scatter(x=xb, y=_values(hi), mode="lines", line=dict(width=0), showlegend=False,
-                                     legendgroup=g, hoverinfo="skip"), **where)
-            fig.add_trace(go.Scatter(x=xb, y=_values(lo), mode="lines", line=dict(width=0), fill="tonexty",
-                                     fillcolor=_rgba(c, 0.18), showlegend=False, legendgroup=g, hoverinfo="skip"),
-                          **where)
-        label = METRIC_LABELS.get(metric, metric)
-        fig.add_trace(go.Scatter(x=x, y=_values(d), mode="lines+markers", name=g, legendgroup=g,
+            band_steps = lo["step"].to_list()
+            high = dict(zip(hi["step"].to_list(), _values(hi)))
+            bx, by = _band(band_steps, _values(lo), [high.get(s) for s in band_steps],
+                           step_x(band_steps, log_x, all_steps))
+            fig.add_trace(go.Scatter(x=bx, y=by, mode="lines", line=dict(width=0), fill="toself",
+                                     fillcolor=rgba(c, 0.18), showlegend=False, legendgroup=g, hoverinfo="skip",
+                                     name=f"{g}: 95% interval"), **where)
+        fig.add_trace(go.Scatter(x=x, y=values, mode="lines+markers", name=g, legendgroup=g,
                                  showlegend=showlegend, line=dict(color=c), marker=dict(size=4),
-                                 hovertemplate=f"{label} %{{y:.3f}}<br>step %{{x}}<extra>{g}</extra>"),
+                                 customdata=steps,
+                                 hovertemplate=f"{label} %{{y:.3f}}<br>step %{{customdata}}<extra>{g}</extra>"),
                       **where)
-
-
-def _rgba(hex_color: str, alpha: float) -> str:
-    h = hex_color.lstrip("#")
-    return f"rgba({int(h[0:2], 16)},{int(h[2:4], 16)},{int(h[4:6], 16)},{alpha})"
+        if step is not None:
+            v = value_at(steps, values, step)
+            fig.add_trace(go.Scatter(x=step_x([step], log_x, all_steps), y=[v], mode="markers", showlegend=False,
+                                     legendgroup=g, hoverinfo="skip",
+                                     marker=dict(size=9, color=c, line=dict(color="black", width=1))), **where)
+            at.append(f"{g} {v:.3f}" if v is not None else f"{g} undefined")
+    return at
 
 
 def calibration_over_steps(table: pl.DataFrame, metrics: Sequence[str] = ("ece", "auroc"),
                            groups: Sequence[str] | None = None, step: int | None = None, log_x: bool = True,
                            width: int | None = None, height: int = 380) -> go.Figure:
-    """Each metric over checkpoints, one line per group (shaded: the bootstrap interval where measured),
-    with a dotted line at ``step``."""
+    """Each metric over all checkpoints, one line per group (shaded: the bootstrap interval where measured);
+    with ``step``, a dotted line and each line's value there."""
     _check(table)
-    groups = _groups(table, groups)
+    groups = pick_groups(table, groups, "calibration")
     known = set(table["metric"].unique().to_list())
     for m in metrics:
         if m not in known:
             scalars = sorted(k for k in known if not k.startswith("reliability"))
             raise InputError(f"the calibration table has no metric {m!r}; it has {scalars}")
+    all_steps = sorted(table["step"].unique().to_list())
     fig = make_subplots(rows=len(metrics), cols=1, shared_xaxes=True, vertical_spacing=0.08,
                         subplot_titles=[METRIC_LABELS.get(m, m) for m in metrics])
+    at = []
     for r, m in enumerate(metrics, start=1):
-        _add_over_steps(fig, table, m, groups, log_x, row=r, col=1, showlegend=r == 1)
+        vals = _add_over_steps(fig, table, m, groups, log_x, all_steps, step, row=r, col=1, showlegend=r == 1)
+        at.append(f"{METRIC_LABELS.get(m, m)} " + ", ".join(vals))
         if m == "auroc":  # chance level
             fig.add_hline(y=0.5, line=dict(color="gray", dash="dot", width=1), row=r, col=1)
-    if step is not None:
-        for r in range(1, len(metrics) + 1):
-            fig.add_vline(x=max(step, 1) if log_x else step, line=dict(color="black", dash="dot", width=1),
-                          row=r, col=1)
-    fig.update_xaxes(type="log" if log_x else "linear")
-    fig.update_xaxes(title_text="step", row=len(metrics), col=1)
-    fig.update_layout(height=height, width=width, margin=dict(t=40, b=40, l=50, r=20),
-                      legend=dict(orientation="h", y=-0.15))
+        step_axis(fig, all_steps, log_x, title="step" if r == len(metrics) else None, row=r, col=1)
+        if step is not None:
+            step_line(fig, step, all_steps, log_x, row=r, col=1)
+    title = (f"step {step}: " + "; ".join(at)) if step is not None else \
+        f"calibration and discrimination, {ALL_STEPS} (shaded: 95% bootstrap intervals)"
+    fig.update_layout(height=height, width=width, margin=dict(t=60, b=40, l=50, r=20),
+                      legend=dict(orientation="h", y=-0.15), title=dict(text=title, x=0.01, font=dict(size=13)))
     return fig
 
 
@@ -178,21 +192,19 @@ def calibration_at_step(table: pl.DataFrame, step: int | None = None, groups: Se
     step marked). Same traces at every step, for :func:`workbench.figures.with_slider`."""
     _check(table)
     step = nearest_step(table["step"].unique().to_list(), step)
-    groups = _groups(table, groups)
+    groups = pick_groups(table, groups, "calibration")
     fig = make_subplots(rows=2, cols=2, column_widths=[0.5, 0.5], specs=[[{"rowspan": 2}, {}], [None, {}]],
                         horizontal_spacing=0.1, vertical_spacing=0.14,
                         subplot_titles=("reliability diagram", "ECE", "AUROC"))
     summary = _add_reliability(fig, table, step, groups, row=1, col=1)
-    _add_over_steps(fig, table, "ece", groups, log_x, row=1, col=2, showlegend=False)
-    _add_over_steps(fig, table, "auroc", groups, log_x, row=2, col=2, showlegend=False)
+    all_steps = sorted(table["step"].unique().to_list())
+    for r, m in ((1, "ece"), (2, "auroc")):
+        _add_over_steps(fig, table, m, groups, log_x, all_steps, step, row=r, col=2, showlegend=False)
+        step_line(fig, step, all_steps, log_x, row=r, col=2)
+        step_axis(fig, all_steps, log_x, title="step" if r == 2 else None, row=r, col=2)
     fig.add_hline(y=0.5, line=dict(color="gray", dash="dot", width=1), row=2, col=2)  # AUROC at chance
-    x = max(step, 1) if log_x else step
-    for r in (1, 2):
-        fig.add_vline(x=x, line=dict(color="black", dash="dot", width=1), row=r, col=2)
     fig.update_xaxes(title_text="confidence", range=[0, 1], row=1, col=1)
     fig.update_yaxes(title_text="accuracy", range=[0, 1.02], row=1, col=1)
-    fig.update_xaxes(type="log" if log_x else "linear", row=1, col=2)
-    fig.update_xaxes(type="log" if log_x else "linear", title_text="step", row=2, col=2)
     fig.update_layout(title=dict(text=f"calibration at step {step}<br><sup>{summary}</sup>", x=0.01),
                       height=480, barmode="overlay", margin=dict(t=80, b=40, l=50, r=20),
                       legend=dict(orientation="h", y=-0.12))
@@ -200,18 +212,10 @@ def calibration_at_step(table: pl.DataFrame, step: int | None = None, groups: Se
 
 
 # --- report section --------------------------------------------------------------------------------------------
-def report_section(store, run=None):
-    """The demo report's calibration section (registered in :data:`workbench.report.SECTIONS`)."""
-    from workbench.probes.calibration.measurement import transition_summary
-    from workbench.report import Section
-
-    if "calibration" not in store.probes():
-        return None
-    table = store.table("calibration")
-    if table.is_empty():
-        return None
-    from workbench import figures
-
+def report_section(table: pl.DataFrame, summary: pl.DataFrame | None = None) -> Section:
+    """The report's calibration section: the test group at the run's landmarks (``summary``, from
+    :func:`~workbench.probes.calibration.measurement.transition_summary`), calibration and discrimination over
+    checkpoints, and the reliability diagram on a checkpoint slider."""
     steps = sorted(table["step"].unique().to_list())
     sec = Section("Calibration and discrimination")
     sec.add(
@@ -220,24 +224,18 @@ def report_section(store, run=None):
         "Discrimination: AUROC, the chance that a right answer gets higher confidence than a wrong one "
         "(0.5 is chance). Shaded bands are 95% bootstrap intervals."
     )
-    groups = table["group"].unique().to_list()
-    if "test" in groups:
-        try:
-            summ = transition_summary(table, group="test")
-        except InputError:
-            summ = None
-        if summ is not None:
-            parts = []
-            for r in summ.iter_rows(named=True):
-                auroc = r.get("test_auroc")
-                auroc_s = "undefined" if auroc is None or auroc != auroc else f"{auroc:.2f}"
-                parts.append(f"{r['landmark']} (step {r['step']}): test accuracy {r['test_accuracy']:.2f}, mean "
-                             f"confidence {r['test_confidence']:.2f}, ECE {r['test_ece']:.3f}, AUROC {auroc_s}")
-            sec.add("Held-out (test) answers at the landmarks of the run: " + "; ".join(parts) + ".")
+    if summary is not None:
+        parts = []
+        for r in summary.iter_rows(named=True):
+            auroc = r.get("test_auroc")
+            auroc_s = "undefined" if auroc is None or auroc != auroc else f"{auroc:.2f}"
+            parts.append(f"{r['landmark']} (step {r['step']}): test accuracy {r['test_accuracy']:.2f}, mean "
+                         f"confidence {r['test_confidence']:.2f}, ECE {r['test_ece']:.3f}, AUROC {auroc_s}")
+        sec.add("Held-out (test) answers at the landmarks of the run: " + "; ".join(parts) + ".")
     sec.add(calibration_over_steps(table, metrics=("ece", "auroc", "overconfidence")
                                    if "overconfidence" in table["metric"].unique().to_list() else ("ece", "auroc"),
                                    height=560))
-    sec.add(figures.with_slider(lambda s: calibration_at_step(table, step=s), steps))
+    sec.add(with_slider(lambda s: calibration_at_step(table, step=s), steps))
     return sec
 
 

@@ -1,4 +1,5 @@
-"""Calibration and discrimination of confidence (SPEC section 4; Steyvers et al., arXiv 2510.05126).
+"""Calibration and discrimination of confidence (docs/probes.md, "Calibration"; Steyvers et al.,
+arXiv 2510.05126).
 
 Every answer has a confidence in [0, 1] and a correctness bit. *Calibration* asks whether answers given
 with confidence c are right a share c of the time (ECE, MCE, Brier score, NLL, reliability diagram);
@@ -24,6 +25,7 @@ import numpy as np
 import polars as pl
 import torch
 
+from workbench.checks import is_integer
 from workbench.errors import InputError
 
 BINNINGS = ("uniform", "quantile")
@@ -116,7 +118,7 @@ def _inputs(conf, correct, *, binary: bool = False) -> tuple[torch.Tensor, torch
 
 
 def _check_bins(n_bins: int, binning: str) -> None:
-    if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 1:
+    if not is_integer(n_bins) or n_bins < 1:
         raise InputError(f"n_bins must be a positive integer, not {n_bins!r}")
     if binning not in BINNINGS:
         raise InputError(f"binning must be one of {BINNINGS}, not {binning!r}")
@@ -170,7 +172,7 @@ def _bin_sums(conf, correct, n_bins, binning):
 def ece(conf, correct, n_bins: int = 10, binning: str = "uniform") -> torch.Tensor:
     """Expected calibration error: Σ_m |B_m|/N · |acc(B_m) − conf(B_m)| over non-empty bins.
 
-    ``correct`` may be fractional (e.g. token accuracy); ``binning`` is ``"uniform"`` (SPEC default) or
+    ``correct`` may be fractional (e.g. token accuracy); ``binning`` is ``"uniform"`` (the default) or
     ``"quantile"`` (equal mass). See :func:`bin_indices` for the bin edges.
     """
     conf, correct = _inputs(conf, correct)
@@ -360,7 +362,7 @@ def bootstrap_ci(metric: Callable | str, conf, correct, n: int = 1000, level: fl
         if metric not in METRICS:
             raise InputError(f"unknown metric {metric!r}; give a function or one of {sorted(METRICS)}")
         metric = METRICS[metric]
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+    if not is_integer(n) or n < 1:
         raise InputError(f"n (the number of resamples) must be a positive integer, not {n!r}")
     if not 0 < level < 1:
         raise InputError(f"level must lie strictly between 0 and 1 (e.g. 0.95), not {level!r}")

@@ -18,52 +18,61 @@ metric is undefined (AUROC of a group the model gets all right) the row holds Na
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 import polars as pl
 import torch
 
 from workbench.capture import Capture
+from workbench.checks import is_integer
 from workbench.errors import InputError
+from workbench.figures import Section
 from workbench.measure import Measurement, StepContext
+from workbench.probes.calibration import figures
 from workbench.probes.calibration import functions as cal
+from workbench.runs import Run
+from workbench.samples import per_group
+from workbench.store import Store
 
 SCALARS = ("n", "accuracy", "confidence", "overconfidence", "ece", "mce", "ece_uniform", "ece_quantile", "brier",
            "nll", "auroc", "auprc")
 RELIABILITY = ("count", "confidence", "accuracy", "lower", "upper")
 
 
+@dataclass(frozen=True)
 class Calibration(Measurement):
     """Calibration (ECE, MCE, Brier, NLL, reliability diagram) and discrimination (AUROC, AUPRC) of the
     model's confidence per checkpoint and group."""
 
     name = "calibration"
+    view = "widgets.calibration:ReliabilityView"
+    in_demo = True
+    section_order = 50
 
-    def __init__(self, n_bins: int = 10, binning: str = "uniform", bootstrap: int = 1000, level: float = 0.95,
-                 seed: int = 0, correct_threshold: float = 1.0):
-        if binning not in cal.BINNINGS:
-            raise InputError(f"binning must be one of {cal.BINNINGS}, not {binning!r}")
-        if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 1:
-            raise InputError(f"n_bins must be a positive integer, not {n_bins!r}")
-        if bootstrap < 0:
+    n_bins: int = 10
+    binning: str = "uniform"
+    bootstrap: int = 1000
+    level: float = 0.95
+    seed: int = 0
+    correct_threshold: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.binning not in cal.BINNINGS:
+            raise InputError(f"binning must be one of {cal.BINNINGS}, not {self.binning!r}")
+        if not is_integer(self.n_bins) or self.n_bins < 1:
+            raise InputError(f"n_bins must be a positive integer, not {self.n_bins!r}")
+        if self.bootstrap < 0:
             raise InputError("bootstrap is the number of resamples (0 to skip intervals); it cannot be negative")
-        if not 0 < correct_threshold <= 1:
-            raise InputError(f"correct_threshold must lie in (0, 1], not {correct_threshold}")
-        self.n_bins, self.binning, self.bootstrap, self.level, self.seed = n_bins, binning, bootstrap, level, seed
-        self.correct_threshold = correct_threshold
-
-    def options(self) -> dict:
-        return {"n_bins": self.n_bins, "binning": self.binning, "bootstrap": self.bootstrap, "level": self.level,
-                "seed": self.seed, "correct_threshold": self.correct_threshold}
+        if not 0 < self.correct_threshold <= 1:
+            raise InputError(f"correct_threshold must lie in (0, 1], not {self.correct_threshold}")
 
     def measure(self, cap: Capture, ctx: StepContext | None = None) -> pl.DataFrame:
         # Mean probabilities can pass 1 by a rounding error in float32; a sample with nothing scored is NaN.
         conf = cap.confidence.double().clamp(0, 1)
         valid = ~torch.isnan(conf) & ~torch.isnan(cap.accuracy)
         correct = (cap.accuracy.double() >= self.correct_threshold - 1e-9).double()
-        groups = list(dict.fromkeys(cap.groups)) + ["all"]
         parts = []
-        for g in groups:
-            idx = cap.group_indices(g) if g != "all" else torch.arange(len(cap))
+        for g, idx in per_group(cap.groups):
             idx = idx[valid[idx]]
             if len(idx) == 0:
                 continue
@@ -103,6 +112,21 @@ class Calibration(Measurement):
             ("reliability_" + pl.col("metric")).alias("metric"), pl.col("value").cast(pl.Float64))
         return pl.concat([scalars, bins.select("metric", "value", "bin")], how="diagonal_relaxed").with_columns(
             group=pl.lit(group))
+
+    @classmethod
+    def section(cls, store: Store, run: Run | None = None) -> Section | None:
+        if not cls.measured(store):
+            return None
+        table = cls.table(store)
+        if table.is_empty():
+            return None
+        summary = None
+        if "test" in table["group"].unique().to_list():
+            try:
+                summary = transition_summary(table, group="test")
+            except InputError:
+                summary = None
+        return figures.report_section(table, summary)
 
 
 def scalar_table(table: pl.DataFrame) -> pl.DataFrame:

@@ -7,10 +7,13 @@
 ``documents`` and ``queries`` are any iterables of batches; ``loss_fn(model, batch)`` and
 ``measurement_fn(model, batch)`` return the batch's loss summed over examples and tokens. A positive score
 means up-weighting the document lowers the query's measurement (raises the completion's probability).
-SPEC.md section 2 fixes the estimator; the modules here follow it one concept each:
+docs/probes.md ("Influence") defines the estimator; the modules here follow it one concept each:
 ``tracking`` (what is tracked, one backward pass per batch), ``fit`` and ``factors`` (covariances,
 eigenbases, corrected eigenvalues, save/load), ``precondition``, ``scores``, ``analysis``, ``tracin``,
-``distributed`` (torchrun sharding) and ``tasks`` (how losses are called, sampled labels).
+``distributed`` (torchrun sharding) and ``tasks`` (how losses are called, sampled labels); ``lm`` and ``moe``
+for language models and their experts. The :class:`Influence` measurement (``measurement``) runs it at every
+checkpoint of a run into the store, ``findings`` reads the studies' per-query-type findings from those
+tables, and ``figures`` draws them.
 """
 
 from workbench.probes.influence.analysis import (
@@ -22,6 +25,7 @@ from workbench.probes.influence.analysis import (
 )
 from workbench.probes.influence.factors import STRATEGIES, Factors
 from workbench.probes.influence.fit import fit_factors
+from workbench.probes.influence.measurement import Influence, influence_tables, measure_influence
 from workbench.probes.influence.precondition import Preconditioner
 from workbench.probes.influence.scores import pairwise_scores, self_scores
 from workbench.probes.influence.tasks import CrossEntropyTask, sample_labels
@@ -43,6 +47,7 @@ __all__ = [
     "Block",
     "CrossEntropyTask",
     "Factors",
+    "Influence",
     "Preconditioner",
     "Recorder",
     "Rows",
@@ -51,6 +56,8 @@ __all__ = [
     "TrackingReport",
     "cross_query_correlation",
     "fit_factors",
+    "influence_tables",
+    "measure_influence",
     "pairwise_scores",
     "per_nat",
     "powerlaw_slope",

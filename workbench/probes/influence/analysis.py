@@ -1,6 +1,7 @@
 """Reading a [queries, documents] score matrix: top documents, cross-query correlation, per-nat scores,
 the share of positive influence held by the top documents, and the power-law slope of the sorted scores
-(the summaries of Grosse et al. 2023 and Ruis et al. 2024; SPEC.md section 2)."""
+(the summaries of Grosse et al., arXiv 2308.03296, and Ruis et al., arXiv 2411.12580; docs/probes.md,
+"Influence")."""
 
 from __future__ import annotations
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from workbench.errors import InputError, NumericalError
 from workbench.probes.influence.tracking import TrackingReport
@@ -58,8 +59,6 @@ class Factors:
 
     def save(self, folder: str | os.PathLike) -> Path:
         """Write ``factors.safetensors`` and ``factors.json`` into ``folder`` (e.g. a run's folder)."""
-        from safetensors.torch import save_file
-
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         flat = {f"{k}::{n}": t.detach().cpu().contiguous() for k, d in self.tensors.items() for n, t in d.items()}
@@ -78,8 +77,6 @@ class Factors:
 
     @classmethod
     def load(cls, folder: str | os.PathLike, device: torch.device | str = "cpu") -> "Factors":
-        from safetensors.torch import load_file
-
         folder = Path(folder)
         meta_file, tensor_file = folder / "factors.json", folder / "factors.safetensors"
         if not meta_file.exists() or not tensor_file.exists():

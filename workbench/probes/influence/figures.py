@@ -16,7 +16,10 @@ import polars as pl
 from plotly.subplots import make_subplots
 
 from workbench.errors import InputError
-from workbench.figures import color, nearest_step
+from workbench.figures import ALL_STEPS, Section, color, nearest_step, with_slider
+from workbench.probes.influence.analysis import cross_query_correlation
+from workbench.probes.influence.findings import query_types, same_answer_share, score_matrix
+from workbench.probes.influence.findings import summary as findings_summary
 
 #: Colors of document kinds (the built-in corpus) in bar charts.
 KIND_COLORS = {"factual": "#1f77b4", "procedural": "#d62728"}
@@ -73,31 +76,39 @@ def ranked_documents(tables: dict, step: int, query_id: str, k: int = 5) -> pl.D
     return out
 
 
+def rank_label(rank: int) -> str:
+    """``top 1`` for the highest scoring document, ``bottom 1`` for the lowest."""
+    return f"top {rank}" if rank > 0 else f"bottom {-rank}"
+
+
 def top_documents_figure(tables: dict, step: int | None = None, query_id: str | None = None, k: int = 5,
                          width: int = 900) -> go.Figure:
     """Horizontal bars: the query's top ``k`` (above) and bottom ``k`` (below) documents with their scores,
-    colored by document kind, the document text on hover and beside the bar."""
+    colored by document kind; each bar's label is its rank and the document's text (in full on hover)."""
     step = nearest_step(_steps(tables), step)
     q = _query(tables, query_id)
     ranked = ranked_documents(tables, step, q["query_id"], k)
     kinds = ranked["kind"].to_list() if "kind" in ranked.columns else [None] * ranked.height
     rows = list(ranked.iter_rows(named=True))
-    labels = [f"#{r['rank']}" if r["rank"] > 0 else f"−#{-r['rank']}" for r in rows]
+    # The document text goes in the axis label, not on the bar: text on short or negative bars collides with
+    # the axis labels. Labels are unique (the rank leads), so the axis keeps one row per document.
+    labels = [f"{rank_label(r['rank'])}: {html.escape(_doc_text(r, 48))}" for r in rows]
     fig = go.Figure(go.Bar(
         x=[r["value"] for r in rows], y=labels, orientation="h",
         marker_color=[KIND_COLORS.get(kd, color(str(r.get("group") or kd), 0)) for kd, r in zip(kinds, rows)],
-        text=[f"{r['doc_id']}: {html.escape(_doc_text(r, 70))}" for r in rows], textposition="auto",
-        insidetextanchor="start",
         hovertext=[f"{r['doc_id']} ({kd or ''})<br>{html.escape(_doc_text(r, 200))}<br>score {r['value']:.4g}"
                    for kd, r in zip(kinds, rows)], hoverinfo="text"))
-    fig.update_yaxes(autorange="reversed", title_text="rank")
-    fig.update_xaxes(title_text="influence score")
-    fig.update_layout(width=width, height=120 + 34 * len(rows), margin=dict(t=50, l=60, r=20, b=40),
+    fig.update_yaxes(autorange="reversed", automargin=True)
+    # A fixed range: scores differ by orders of magnitude between checkpoints, and a slider keeps ranges fixed.
+    values = [r["value"] for r in rows]
+    lo, hi = min(min(values), 0.0), max(max(values), 0.0)
+    pad = 0.05 * ((hi - lo) or 1.0)
+    fig.update_xaxes(title_text="influence score", zeroline=True, zerolinecolor="#444", range=[lo - pad, hi + pad])
+    fig.update_layout(width=width, height=120 + 28 * len(rows), margin=dict(t=60, l=20, r=20, b=40),
                       title=dict(text=f"{q['query_id']}: {html.escape(query_label(q))}<br><sup>top and bottom "
                                       f"documents at step {step}"
                                       + (" (red: procedural, blue: factual)" if any(kinds) else "") + "</sup>",
-                                 x=0.01),
-                      uniformtext=dict(minsize=9, mode="hide"))
+                                 x=0.01))
     return fig
 
 
@@ -118,8 +129,7 @@ def token_figure(tables: dict, step: int | None = None, query_id: str | None = N
         for pos, v in toks.filter(pl.col("doc_id") == r["doc_id"]).select("position", "value").iter_rows():
             if pos < len(vals):
                 vals[pos] = v
-        rows.append((f"#{r['rank']} {r['doc_id']}" if r["rank"] > 0 else f"−#{-r['rank']} {r['doc_id']}", words,
-                     vals, r["value"]))
+        rows.append((f"{rank_label(r['rank'])}: {r['doc_id']}", words, vals, r["value"]))
     width_tokens = max((len(w) for _, w, _, _ in rows), default=1)
     z = [v + [None] * (width_tokens - len(v)) for _, _, v, _ in rows]
     text = [w + [""] * (width_tokens - len(w)) for _, w, _, _ in rows]
@@ -129,9 +139,9 @@ def token_figure(tables: dict, step: int | None = None, query_id: str | None = N
         x=list(range(width_tokens)), colorscale="RdBu_r", zmin=-lim, zmax=lim, xgap=1, ygap=2,
         colorbar=dict(title="token<br>influence"),
         hovertemplate="token %{text} (position %{x})<br>contribution %{z:.4g}<extra></extra>"))
-    fig.update_yaxes(autorange="reversed")
-    fig.update_xaxes(title_text="token position", showgrid=False)
-    fig.update_layout(width=width, height=110 + 30 * len(rows), margin=dict(t=50, l=110, r=20, b=40),
+    fig.update_yaxes(autorange="reversed", automargin=True)
+    fig.update_xaxes(title_text="token position", showgrid=False, dtick=1)
+    fig.update_layout(width=width, height=110 + 30 * len(rows), margin=dict(t=50, l=20, r=20, b=40),
                       title=dict(text=f"per-token influence on {q['query_id']} at step {step}", x=0.01))
     return fig
 
@@ -162,10 +172,6 @@ def token_html(tables: dict, step: int, query_id: str, doc_id: str) -> str:
 def correlation_figure(tables: dict, step: int | None = None, width: int = 620) -> go.Figure:
     """Pearson correlation between queries' score vectors over all documents, queries grouped by type
     (factual, then each reasoning task), with lines between the types."""
-    from workbench.probes.influence.analysis import cross_query_correlation
-    from workbench.probes.influence.findings import query_types
-    from workbench.probes.influence.measurement import score_matrix
-
     step = nearest_step(_steps(tables), step)
     types = dict(query_types(tables["queries"]).iter_rows()) if tables.get("queries") is not None else {}
     ids = tables["scores"].filter(pl.col("step") == step)["query_id"].unique(maintain_order=True).to_list()
@@ -224,7 +230,8 @@ def findings_figure(summary: pl.DataFrame, step: int | None = None, metrics: Seq
     fig.update_xaxes(title_text="step")
     fig.update_layout(width=width, height=300 * n_rows + 60, margin=dict(t=60, l=50, r=20, b=50),
                       legend=dict(orientation="h", x=0, y=-0.12),
-                      title=dict(text="influence findings per query type over checkpoints", x=0.01))
+                      title=dict(text=f"influence findings per query type, {ALL_STEPS} where influence was measured",
+                                 x=0.01))
     return fig
 
 
@@ -243,7 +250,8 @@ def same_answer_figure(share: pl.DataFrame, width: int = 700) -> go.Figure:
     fig.update_xaxes(title_text="step")
     fig.update_yaxes(title_text="share with the query's answer", rangemode="tozero")
     fig.update_layout(width=width, height=360, margin=dict(t=60, l=60, r=20, b=50),
-                      title=dict(text="do held-out answers lean on training documents with the same answer?", x=0.01))
+                      title=dict(text="do held-out answers lean on training documents with the same answer? "
+                                      f"<br><sup>{ALL_STEPS} where influence was measured</sup>", x=0.01))
     return fig
 
 
@@ -252,21 +260,13 @@ def _has_answers(tables: dict) -> bool:
     return docs is not None and queries is not None and "answer" in docs.columns and "answer" in queries.columns
 
 
-def report_section(store, run=None):
-    """The report's influence section, or None when the store has no influence table."""
-    from workbench.probes.influence.findings import summary as findings_summary
-    from workbench.probes.influence.measurement import influence_tables
-    from workbench.report import Section
-    from workbench.figures import with_slider
-
-    if "influence" not in store.probes():
-        return None
-    tables = influence_tables(store)
-    if tables["scores"].is_empty():
-        return None
+def report_section(tables: dict) -> Section:
+    """The report's influence section, from :func:`~workbench.probes.influence.measurement.influence_tables`:
+    the findings per query type (or the same-answer share) over checkpoints, the cross-query correlation on a
+    checkpoint slider, and one query's top documents and their tokens."""
     steps = _steps(tables)
     sec = Section("Influence of training documents")
-    sec.add("EK-FAC influence of every document on every query (SPEC.md section 2). Positive scores: up-weighting "
+    sec.add("EK-FAC influence of every document on every query (Grosse et al., arXiv 2308.03296). Positive scores: up-weighting "
             "the document raises the probability of the query's completion. Per-token colors show which tokens "
             "of a document carry its influence (the position that predicts the token).")
     if tables["queries"] is not None and "kind" in tables["queries"].columns:
@@ -284,8 +284,6 @@ def report_section(store, run=None):
         sec.add(f"At step {steps[-1]}: " + "; ".join(parts) + ".")
         sec.add(findings_figure(summ))
     elif _has_answers(tables):
-        from workbench.probes.influence.findings import same_answer_share
-
         share = same_answer_share(tables, 10)
         means = share.group_by("step").agg(pl.col("top", "chance").mean()).sort("step")
         trend = ", ".join(f"{t:.2f} at step {s}" for s, t in means.select("step", "top").iter_rows())
@@ -298,10 +296,10 @@ def report_section(store, run=None):
     if queries is not None and "kind" in queries.columns:
         reasoning = queries.filter(pl.col("kind") == "reasoning")["query_id"].to_list()
         pick = reasoning[0] if reasoning else None
-    sec.add(top_documents_figure(tables, steps[-1], pick))
-    sec.add(token_figure(tables, steps[-1], pick))
+    sec.add(with_slider(lambda s: top_documents_figure(tables, s, pick), steps))
+    sec.add(with_slider(lambda s: token_figure(tables, s, pick), steps))
     return sec
 
 
-__all__ = ["correlation_figure", "findings_figure", "query_label", "ranked_documents", "report_section",
-           "same_answer_figure", "token_figure", "token_html", "top_documents_figure"]
+__all__ = ["correlation_figure", "findings_figure", "query_label", "rank_label", "ranked_documents",
+           "report_section", "same_answer_figure", "token_figure", "token_html", "top_documents_figure"]

@@ -1,4 +1,4 @@
-"""The studies' per-query-type findings, read from the influence tables (SPEC.md section 2).
+"""The studies' per-query-type findings, read from the influence tables (docs/probes.md, "Influence").
 
 Ruis et al. (arXiv 2411.12580) compared factual and reasoning queries: whether a factual query's answer
 appears in its top documents, how often a reasoning query's top documents show the procedure of its own
@@ -16,12 +16,27 @@ the documents' and queries' information columns when present:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import polars as pl
 import torch
 
 from workbench.errors import InputError
 from workbench.probes.influence.analysis import cross_query_correlation, powerlaw_slope, top_share
-from workbench.probes.influence.measurement import score_matrix
+
+
+def score_matrix(scores: pl.DataFrame, step: int, query_ids: Sequence[str] | None = None,
+                 doc_ids: Sequence[str] | None = None) -> tuple[torch.Tensor, list[str], list[str]]:
+    """The [queries, documents] score matrix at ``step`` from the long table, with its row and column ids."""
+    at = scores.filter(pl.col("step") == step)
+    if at.is_empty():
+        raise InputError(f"no influence scores at step {step}; the steps are {sorted(scores['step'].unique())}")
+    q = list(query_ids) if query_ids is not None else at["query_id"].unique(maintain_order=True).to_list()
+    d = list(doc_ids) if doc_ids is not None else at["doc_id"].unique(maintain_order=True).to_list()
+    wide = at.pivot(on="doc_id", index="query_id", values="value")
+    wide = pl.DataFrame({"query_id": q}).join(wide, on="query_id", how="left")
+    mat = torch.tensor(wide.select(d).to_numpy(), dtype=torch.float64)
+    return mat, q, d
 
 
 def query_types(queries: pl.DataFrame) -> pl.DataFrame:
@@ -133,4 +148,4 @@ def same_answer_share(tables: dict, k: int = 10) -> pl.DataFrame:
     return pl.DataFrame(rows)
 
 
-__all__ = ["correlation_by_type", "per_query", "query_types", "same_answer_share", "summary"]
+__all__ = ["correlation_by_type", "per_query", "query_types", "same_answer_share", "score_matrix", "summary"]

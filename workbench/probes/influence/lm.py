@@ -2,7 +2,7 @@
 
 A *document* is a token sequence; its loss is the summed next-token cross-entropy over its non-padding
 tokens. A *query* is a (prompt, completion) pair; its measurement is ``m = −log p(completion | prompt)``
-summed over the completion's tokens only (SPEC.md section 2). Both are :class:`workbench.samples.SampleSet`
+summed over the completion's tokens only (docs/probes.md, "Influence"). Both are :class:`workbench.samples.SampleSet`
 objects, whose shifted ``targets`` already carry -100 wherever nothing is scored (padding, a document's
 last token, a query's prompt), so one summed cross-entropy serves both: :class:`LMTask` gives
 ``loss_fn=task.loss`` (which can sample labels from the model for the true Fisher) and
@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from workbench.capture import model_positions
 from workbench.errors import InputError
 from workbench.probes.influence.tasks import sample_labels
 from workbench.samples import IGNORE, SampleSet
@@ -51,13 +52,8 @@ def model_vocab_size(model: nn.Module) -> int | None:
 
 
 def model_context(model: nn.Module) -> int | None:
-    """The longest input the model takes, in tokens (None when it cannot be told)."""
-    cfg = getattr(model, "config", None)
-    for name in ("n_ctx", "max_position_embeddings", "n_positions", "max_sequence_length"):
-        value = getattr(cfg, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
+    """The longest input the model takes, in tokens (None when it cannot be told), as the capture reads it."""
+    return model_positions(model)
 
 
 def check_vocabulary(samples: SampleSet, vocab_size: int, what: str = "sample") -> None:

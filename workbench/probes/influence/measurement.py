@@ -1,9 +1,10 @@
 """Influence of documents on queries at several checkpoints of a Run, into the run's store.
 
-:func:`measure_influence` loads each checkpoint in turn, fits the curvature factors on the documents, scores
-every query against every document, and writes one Parquet part per checkpoint into ``run.store`` under the
-probe name (default ``influence``). Killed and started again, it resumes at the first checkpoint without a
-part (the options must match, as for :func:`workbench.measure`). Rows of a part (key columns of
+The :class:`Influence` measurement fits the curvature factors on the documents at each checkpoint, scores every
+query against every document, and writes one Parquet part per checkpoint into ``run.store`` (table
+``influence``), through :func:`workbench.measure` like every measurement (:func:`measure_influence` is a
+shortcut): killed and started again, it resumes at the first checkpoint without a part, and refuses to resume
+under other options. Rows of a part (key columns of
 :mod:`workbench.store` plus ``query_id``, ``doc_id`` and ``position``):
 
 - ``metric="score"``: one row per (query, document): ``value`` is the influence score (positive: up-weighting
@@ -25,20 +26,24 @@ Every checkpoint must have the same architecture (model type and parameter shape
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 import torch
-from tqdm.auto import tqdm
 
 from workbench.errors import InputError
+from workbench.figures import Section
+from workbench.measure import Measurement, StepContext, measure, setting
+from workbench.probes.influence import figures
 from workbench.probes.influence.fit import fit_factors
 from workbench.probes.influence.lm import (
     LMTask,
     batches,
+    check_vocabulary,
     completion_nll,
     lm_documents,
     model_context,
@@ -52,13 +57,6 @@ from workbench.samples import IGNORE, SampleSet
 from workbench.store import Store, write_json_atomic, write_parquet_atomic
 
 MODULE_SETS = ("lm", "linear")
-
-
-def _digest(samples: SampleSet) -> str:
-    h = hashlib.sha1()
-    for sid, x, y in zip(samples.ids, samples.input_ids, samples.targets):
-        h.update(json.dumps([sid, x, y]).encode())
-    return h.hexdigest()[:12]
 
 
 def _token_text(tokenizer, ids: Sequence[int]) -> list[str]:
@@ -115,97 +113,103 @@ def _same_architecture(first: dict, now: dict, step: int) -> None:
     )
 
 
-def measure_influence(
-    run: Run,
-    queries: SampleSet,
-    documents: SampleSet | None = None,
-    *,
-    steps: Sequence[int] | None = None,
-    name: str = "influence",
-    strategy: str = "ekfac",
-    fisher: str = "true",
-    damping: float | None = None,
-    modules: str = "lm",
-    batch_size: int = 32,
-    top_k_tokens: int = 5,
-    tokenizer=None,
-    document_info: pl.DataFrame | None = None,
-    query_info: pl.DataFrame | None = None,
-    truncate: bool = True,
-    seed: int = 0,
-    device: str | torch.device | None = None,
-    overwrite: bool = False,
-    progress: bool = True,
-) -> Store:
-    """Influence scores of ``documents`` (default: the run's samples) on ``queries`` at each checkpoint.
+@dataclass(frozen=True)
+class Influence(Measurement):
+    """Influence scores of ``documents`` on ``queries`` at each checkpoint (the module docstring has the rows).
 
-    Args:
-        queries: (prompt, completion) samples (:func:`~workbench.probes.influence.lm.lm_queries`).
-        documents: token sequences (every next token scored); longer than the model's context they are cut
-            with a warning (``truncate=False``: an error).
-        steps: the checkpoints to measure (default: all).
-        modules: ``"lm"`` (MLP linear layers, MoE experts and routers: :func:`~.moe.lm_modules`) or
-            ``"linear"`` (every nn.Linear).
-        strategy, fisher, damping, seed: as in :func:`fit_factors` / :func:`pairwise_scores`.
-        top_k_tokens: per query, the per-token contributions of this many top and bottom documents are kept.
-        tokenizer: turns token ids into text for the views (``tokens(ids)``, ``convert_ids_to_tokens`` or
-            ``decode``); without it the views show ids.
-        document_info, query_info: extra columns (joined on ``doc_id`` / ``query_id``) kept for the views.
-    Returns the run's store.
+    queries: (prompt, completion) samples (:func:`~workbench.probes.influence.lm.lm_queries`).
+    documents: token sequences (every next token scored); default: the run's samples. Longer than the model's
+        context they are cut with a warning (``truncate=False``: an error).
+    modules: ``"lm"`` (MLP linear layers, MoE experts and routers: :func:`~.moe.lm_modules`) or ``"linear"``
+        (every nn.Linear).
+    strategy, fisher, damping, seed: as in :func:`fit_factors` / :func:`pairwise_scores`.
+    top_k_tokens: per query, the per-token contributions of this many top and bottom documents are kept.
+    batch_size: documents and queries per batch (the scores do not depend on it).
+    tokenizer: turns token ids into text for the views (``tokens(ids)``, ``convert_ids_to_tokens`` or
+        ``decode``); without it the views show ids.
+    document_info, query_info: extra columns (joined on ``doc_id`` / ``query_id``) kept for the views.
     """
-    if modules not in MODULE_SETS:
-        raise InputError(f"modules must be one of {MODULE_SETS}, not {modules!r}")
-    if top_k_tokens < 0:
-        raise InputError(f"top_k_tokens must be >= 0, not {top_k_tokens}")
-    documents = documents if documents is not None else run.samples
-    if not isinstance(queries, SampleSet) or not isinstance(documents, SampleSet):
-        raise InputError("queries and documents must be SampleSets (lm_queries(...), lm_documents(...))")
-    store = run.store
-    options = {"strategy": strategy, "fisher": fisher, "damping": damping, "modules": modules,
-               "top_k_tokens": top_k_tokens, "seed": seed, "documents": _digest(documents),
-               "queries": _digest(queries), "truncate": truncate}
-    store.begin(name, options, overwrite=overwrite)
-    folder = store.root / name
-    write_parquet_atomic(_info_frame(documents, "doc_id", tokenizer, document_info), folder / "documents.parquet")
-    write_parquet_atomic(_info_frame(queries, "query_id", tokenizer, query_info), folder / "queries.parquet")
-    arch_file = folder / "architecture.json"
-    first = json.loads(arch_file.read_text()) if arch_file.exists() else None
 
-    wanted = [c for c in run.checkpoints if steps is None or c.step in steps]
-    if steps is not None:
-        missing = sorted(set(steps) - {c.step for c in wanted})
-        if missing:
-            raise InputError(f"run {run.name!r} has no checkpoints at steps {missing}; its steps are {run.steps}")
-    todo = [c for c in wanted if not store.has(name, c.step)]
-    task = LMTask()
-    bar = tqdm(todo, desc=f"influence {run.name}", unit="ckpt", disable=not progress)
-    for ckpt in bar:
-        bar.set_postfix(step=ckpt.step)
-        model = ckpt.load(device=device)
-        try:
-            arch = architecture(model) | {"step": ckpt.step}
-            if first is None:
-                first = arch
-                write_json_atomic(first, arch_file)
-            else:
-                _same_architecture(first, arch, ckpt.step)
-            docs = lm_documents(documents, n_ctx=model_context(model), vocab_size=model_vocab_size(model),
-                                truncate=truncate)
-            _check_queries(queries, model)
-            doc_b, q_b = batches(docs, batch_size), batches(queries, batch_size)
-            tracked = lm_modules(model, documents=doc_b) if modules == "lm" else resolve_modules(model, None)
-            part = _one_checkpoint(model, tracked, task, docs, queries, doc_b, q_b, strategy=strategy, fisher=fisher,
-                                   damping=damping, seed=seed, top_k=top_k_tokens, batch_size=batch_size,
-                                   progress=progress)
-        finally:
-            del model
-        store.write(name, ckpt.step, part)
-    return store
+    name = "influence"
+    view = "widgets.influence:InfluenceBrowser"
+    section_order = 80
+
+    queries: SampleSet | None = None
+    documents: SampleSet | None = None
+    strategy: str = "ekfac"
+    fisher: str = "true"
+    damping: float | None = None
+    modules: str = "lm"
+    top_k_tokens: int = 5
+    truncate: bool = True
+    seed: int = 0
+    batch_size: int = setting(32)
+    tokenizer: Any = setting(None)
+    document_info: pl.DataFrame | None = setting(None)
+    query_info: pl.DataFrame | None = setting(None)
+
+    def __post_init__(self) -> None:
+        if self.modules not in MODULE_SETS:
+            raise InputError(f"modules must be one of {MODULE_SETS}, not {self.modules!r}")
+        if self.top_k_tokens < 0:
+            raise InputError(f"top_k_tokens must be >= 0, not {self.top_k_tokens}")
+        if self.queries is None:
+            raise InputError("influence needs queries: (prompt, completion) samples (lm_queries(...), or "
+                             "--queries FILE on the command line)")
+        for what in ("queries", "documents"):
+            value = getattr(self, what)
+            if value is not None and not isinstance(value, SampleSet):
+                raise InputError("queries and documents must be SampleSets (lm_queries(...), lm_documents(...))")
+
+    def settle(self, run: Run) -> "Influence":
+        """The run's samples as documents when none were given."""
+        return self if self.documents is not None else replace(self, documents=run.samples)
+
+    def spec(self) -> None:
+        return None  # fits and scores on the loaded model (ctx.model), no capture
+
+    def begin(self, store: Store) -> None:
+        folder = store.folder(self.name)  # during an overwrite, the new table's folder
+        write_parquet_atomic(_info_frame(self.documents, "doc_id", self.tokenizer, self.document_info),
+                             folder / "documents.parquet")
+        write_parquet_atomic(_info_frame(self.queries, "query_id", self.tokenizer, self.query_info),
+                             folder / "queries.parquet")
+
+    def measure(self, cap: None, ctx: StepContext) -> pl.DataFrame:
+        model = ctx.model
+        arch_file = ctx.store.folder(self.name) / "architecture.json"
+        arch = architecture(model) | {"step": ctx.step}
+        if arch_file.exists():
+            _same_architecture(json.loads(arch_file.read_text()), arch, ctx.step)
+        else:
+            write_json_atomic(arch, arch_file)
+        docs = lm_documents(self.documents, n_ctx=model_context(model), vocab_size=model_vocab_size(model),
+                            truncate=self.truncate)
+        _check_queries(self.queries, model)
+        doc_b, q_b = batches(docs, self.batch_size), batches(self.queries, self.batch_size)
+        tracked = lm_modules(model, documents=doc_b) if self.modules == "lm" else resolve_modules(model, None)
+        return _one_checkpoint(model, tracked, LMTask(), docs, self.queries, doc_b, q_b, strategy=self.strategy,
+                               fisher=self.fisher, damping=self.damping, seed=self.seed, top_k=self.top_k_tokens,
+                               batch_size=self.batch_size, progress=ctx.progress)
+
+    @classmethod
+    def section(cls, store: Store, run: Run | None = None) -> Section | None:
+        if not cls.measured(store):
+            return None
+        tables = influence_tables(store)
+        return None if tables["scores"].is_empty() else figures.report_section(tables)
+
+
+def measure_influence(run: Run, queries: SampleSet, documents: SampleSet | None = None, *,
+                      steps: Sequence[int] | None = None, device=None, overwrite: bool = False,
+                      progress: bool = True, **options) -> Store:
+    """:class:`Influence` over the checkpoints of ``run`` (or ``steps``) through :func:`workbench.measure`;
+    ``options`` are the measurement's fields. Returns the run's store."""
+    return measure(run, [Influence(queries=queries, documents=documents, **options)], steps=steps, device=device,
+                   overwrite=overwrite, progress=progress)
 
 
 def _check_queries(queries: SampleSet, model) -> None:
-    from workbench.probes.influence.lm import check_vocabulary
-
     vocab, n_ctx = model_vocab_size(model), model_context(model)
     if vocab is not None:
         check_vocabulary(queries, vocab, "query")
@@ -263,13 +267,13 @@ def _token_scores(model, factors, task, docs, queries, scores, top_k, damping, t
 
 
 # --- reading back -------------------------------------------------------------------------------------------
-def influence_tables(store: Store, name: str = "influence") -> dict[str, pl.DataFrame]:
+def influence_tables(store: Store) -> dict[str, pl.DataFrame]:
     """The probe's scores (``scores``: step, query_id, doc_id, value), per-query NLL (``nll``), per-token
     contributions (``tokens``) and the documents' and queries' information (``documents``, ``queries``)."""
-    if name not in store.probes():
-        raise InputError(f"the store at {store.root} has no influence table {name!r}; run measure_influence first")
-    table = store.table(name)
-    folder = Path(store.root) / name
+    if not Influence.measured(store):
+        raise InputError(f"the store at {store.root} has no influence table; run measure_influence first")
+    table = Influence.table(store)
+    folder = Path(store.root) / Influence.name
     out = {
         "scores": table.filter(pl.col("metric") == "score").select("step", "group", "query_id", "doc_id", "value"),
         "nll": table.filter(pl.col("metric") == "nll").select("step", "group", "query_id", "value"),
@@ -282,18 +286,4 @@ def influence_tables(store: Store, name: str = "influence") -> dict[str, pl.Data
     return out
 
 
-def score_matrix(scores: pl.DataFrame, step: int, query_ids: Sequence[str] | None = None,
-                 doc_ids: Sequence[str] | None = None) -> tuple[torch.Tensor, list[str], list[str]]:
-    """The [queries, documents] score matrix at ``step`` from the long table, with its row and column ids."""
-    at = scores.filter(pl.col("step") == step)
-    if at.is_empty():
-        raise InputError(f"no influence scores at step {step}; the steps are {sorted(scores['step'].unique())}")
-    q = list(query_ids) if query_ids is not None else at["query_id"].unique(maintain_order=True).to_list()
-    d = list(doc_ids) if doc_ids is not None else at["doc_id"].unique(maintain_order=True).to_list()
-    wide = at.pivot(on="doc_id", index="query_id", values="value")
-    wide = pl.DataFrame({"query_id": q}).join(wide, on="query_id", how="left")
-    mat = torch.tensor(wide.select(d).to_numpy(), dtype=torch.float64)
-    return mat, q, d
-
-
-__all__ = ["architecture", "influence_tables", "measure_influence", "score_matrix"]
+__all__ = ["Influence", "architecture", "influence_tables", "measure_influence"]

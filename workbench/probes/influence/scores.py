@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from workbench.checks import is_integer
 from workbench.errors import InputError, NumericalError
 from workbench.probes.influence import distributed
 from workbench.probes.influence.factors import Factors
@@ -123,7 +124,7 @@ def _low_rank(g: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
 def query_gradients(model, tracked, pre: Preconditioner, queries, measurement_fn, *, query_rank,
                     common) -> QueryGradients:
     """Every rank computes all queries' preconditioned gradients (queries are few; documents are many)."""
-    if query_rank is not None and (not isinstance(query_rank, int) or query_rank < 1):
+    if query_rank is not None and (not is_integer(query_rank) or query_rank < 1):
         raise InputError(f"query_rank must be a positive integer or None, not {query_rank!r}")
     parts: dict[str, list] = {}
     n = 0

@@ -14,16 +14,16 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from workbench.checks import is_number
 from workbench.errors import InputError
 from workbench.probes.influence import distributed
 from workbench.probes.influence.fit import fit_factors
 from workbench.probes.influence.scores import pairwise_scores
 from workbench.probes.influence.tracking import TrackedModule
+from workbench.runs import Run
 
 
 def _models(checkpoints, steps, device) -> tuple[int | None, Iterable[nn.Module]]:
-    from workbench.runs import Run
-
     if isinstance(checkpoints, Run):
         chosen = [s for s in checkpoints.steps if steps is None or s in steps]
         if not chosen:
@@ -60,7 +60,7 @@ def tracin_scores(
     (default: every nn.Linear).
     """
     n, models = _models(checkpoints, steps, device)
-    if isinstance(learning_rates, (int, float)):
+    if is_number(learning_rates):
         rates = [float(learning_rates)] * n
     else:
         rates = [float(r) for r in learning_rates]

@@ -43,6 +43,7 @@ class Block:
     parameters: tuple[str, ...]
     n_params: int
     stack: str | None = None  # the stack this block is a member of (see the module docstring), if any
+    counts: tuple[int, ...] | None = None  # elements of each of ``parameters`` it covers, when only slices
 
 
 @dataclass
@@ -311,6 +312,9 @@ def resolve_modules(model: nn.Module, modules: Sequence[str | TrackedModule] | N
     else:
         if isinstance(modules, (str, TrackedModule)):
             modules = [modules]
+        if len(modules) == 0:
+            raise InputError("modules= is an empty list, so nothing would be tracked; name at least one module, or "
+                             "pass modules=None for every nn.Linear")
         named = dict(model.named_modules())
         tracked = []
         for item in modules:

@@ -1,14 +1,10 @@
-"""Figures of linear probes and forgetting: store tables in, plotly figures out.
+"""Figures of the ``probes`` table (linear probes per block and checkpoint): store tables in, plotly figures out.
 
 - :func:`probe_overview`: a layer × checkpoint heatmap of probe accuracy (selectivity and control accuracy
   on hover) beside the model's own accuracy over the same checkpoints, with the chosen checkpoint marked;
   the same for training runs and forgetting runs.
 - :func:`probe_layers`: probe accuracy per layer at chosen checkpoints (before and after forgetting).
-- :func:`forgetting_curves`: two-option accuracy of the forget set, the held-out data and other tasks over
-  the forgetting steps.
-- :func:`forget_matrix_figure`: the task × task forget-ratio matrix.
-- :func:`predictor_scatter`: a predictor against the forget ratio across tasks.
-- :func:`report_section`: the report's section for runs measured with ``probes`` or made by ``forget()``.
+- :func:`report_section`: the report's section.
 """
 
 from __future__ import annotations
@@ -20,10 +16,12 @@ import polars as pl
 from plotly.subplots import make_subplots
 
 from workbench.errors import InputError
-from workbench.figures import PALETTE, nearest_step
+from workbench.figures import PALETTE, Section, nearest_step, value_at, with_slider
+from workbench.samples import OVERALL
 
 
-def _check(table: pl.DataFrame, group: str | None) -> str:
+def check_task(table: pl.DataFrame, group: str | None) -> str:
+    """``group`` (default: the first task) after checking that the table holds it."""
     if table.is_empty() or "metric" not in table.columns:
         raise InputError("the probes table is empty; measure the run with the 'probes' measurement first")
     groups = tasks(table)
@@ -52,15 +50,15 @@ def probe_overview(table: pl.DataFrame, group: str | None = None, step: int | No
                    metric: str = "accuracy") -> go.Figure:
     """Probe ``metric`` per layer (rows) and checkpoint (columns), beside the model's own accuracy and the best
     probe's accuracy over the same checkpoints; ``step`` is marked in both panels."""
-    group = _check(table, group)
+    group = check_task(table, group)
     d = table.filter(pl.col("group") == group)
     steps = sorted(d["step"].unique().to_list())
     layers = sorted(d["layer"].drop_nulls().unique().to_list())
     step = nearest_step(steps, step)
     z = _grid(d, group, metric, steps, layers)
     extra = [m for m in ("selectivity", "control_accuracy", "train_accuracy") if m in d["metric"].unique().to_list()]
-    custom = [[[(_grid(d, group, m, steps, layers)[i][j]) for m in extra] for j in range(len(steps))]
-              for i in range(len(layers))]
+    grids = [_grid(d, group, m, steps, layers) for m in extra]
+    custom = [[[g[i][j] for g in grids] for j in range(len(steps))] for i in range(len(layers))]
     hover = "step %{x}<br>layer %{y}<br>" + metric.replace("_", " ") + " %{z:.3f}"
     for k, m in enumerate(extra):
         hover += f"<br>{m.replace('_', ' ')} %{{customdata[{k}]:.3f}}"
@@ -87,10 +85,21 @@ def probe_overview(table: pl.DataFrame, group: str | None = None, step: int | No
                   line=dict(color="white", width=2))
     fig.add_shape(type="line", x0=i, x1=i, y0=0, y1=1, xref="x2", yref="y2 domain",
                   line=dict(color="black", dash="dot", width=1))
+    m_at = value_at(model["step"].to_list(), model["value"].to_list(), step)
+    b_at = value_at(best["step"].to_list(), best["value"].to_list(), step)
+    fig.add_trace(go.Scatter(x=[str(step), str(step)], y=[m_at, b_at], mode="markers", showlegend=False,
+                             hoverinfo="skip", marker=dict(size=10, color=["#d62728", "#1f77b4"],
+                                                           line=dict(color="black", width=1))), row=1, col=2)
+    at = acc.filter(pl.col("step") == step).sort("value", descending=True)
+    parts = [f"model accuracy {m_at:.2f}" if m_at is not None else ""]
+    if not at.is_empty():
+        parts.append(f"best probe {at['value'][0]:.2f} (block {at['layer'][0]})")
+    task = f"task {group}, " if group != OVERALL else ""
     fig.update_xaxes(title_text="checkpoint step", type="category")
     fig.update_yaxes(range=[-0.02, 1.02], row=1, col=2)
-    fig.update_layout(height=360, margin=dict(t=50, b=50, l=50, r=20), legend=dict(orientation="h", y=-0.25, x=0.6),
-                      title=dict(text=f"{group}: step {step}", x=0.01, y=0.99))
+    fig.update_layout(height=380, margin=dict(t=60, b=50, l=50, r=20), legend=dict(orientation="h", y=-0.25, x=0.6),
+                      title=dict(text=f"linear probes, {task}step {step}: " + ", ".join(p for p in parts if p),
+                                 x=0.01, y=0.98))
     return fig
 
 
@@ -98,7 +107,7 @@ def probe_layers(table: pl.DataFrame, group: str | None = None, steps: Sequence[
                  labels: Sequence[str] | None = None, control: bool = True) -> go.Figure:
     """Probe accuracy per layer at a few checkpoints (default: the first and the last), with the control-task
     accuracy dotted and the model's own accuracy as a horizontal mark."""
-    group = _check(table, group)
+    group = check_task(table, group)
     d = table.filter(pl.col("group") == group)
     all_steps = sorted(d["step"].unique().to_list())
     steps = [nearest_step(all_steps, s) for s in (steps or [all_steps[0], all_steps[-1]])]
@@ -124,99 +133,17 @@ def probe_layers(table: pl.DataFrame, group: str | None = None, steps: Sequence[
     return fig
 
 
-def forgetting_curves(table: pl.DataFrame, task: str, log_x: bool = False) -> go.Figure:
-    """Two-option accuracy over the forgetting steps: the forget set, the task's held-out inputs (train without
-    the forget set, test), the other tasks' test splits (thin), and how well the random labels are fitted."""
-    acc = table.filter(pl.col("metric").is_in(["option_accuracy", "fit_random_labels"])).sort("step")
-    if acc.is_empty():
-        raise InputError("the forgetting table is empty; make the run with workbench.probes.forgetting.forget()")
-    fig = go.Figure()
-    styles = {f"{task}:forget": ("forget set", "#d62728", 3), f"{task}:test": ("held-out (test)", "#1f77b4", 3),
-              f"{task}:train": ("held-out (train split)", "#17becf", 2)}
-    others = [g for g in acc["group"].unique(maintain_order=True).to_list()
-              if g.endswith(":test") and g not in styles]
-    for g, (label, c, w) in styles.items():
-        d = acc.filter((pl.col("group") == g) & (pl.col("metric") == "option_accuracy"))
-        if d.height:
-            fig.add_trace(go.Scatter(x=d["step"].to_list(), y=d["value"].to_list(), mode="lines+markers", name=label,
-                                     line=dict(color=c, width=w)))
-    fit = acc.filter(pl.col("metric") == "fit_random_labels")
-    if fit.height:
-        fig.add_trace(go.Scatter(x=fit["step"].to_list(), y=fit["value"].to_list(), mode="lines",
-                                 name="fit to the trained labels", line=dict(color="#ff7f0e", dash="dash")))
-    for i, g in enumerate(others):
-        d = acc.filter((pl.col("group") == g) & (pl.col("metric") == "option_accuracy"))
-        fig.add_trace(go.Scatter(x=d["step"].to_list(), y=d["value"].to_list(), mode="lines", name=g,
-                                 line=dict(color="#999999", width=1), opacity=0.7))
-    fig.add_hline(y=0.5, line=dict(color="black", dash="dot", width=1), annotation_text="chance")
-    fig.update_xaxes(title_text="forgetting step", type="log" if log_x else "linear")
-    fig.update_yaxes(title_text="two-option accuracy", range=[0, 1.02])
-    fig.update_layout(height=340, margin=dict(t=40, b=40, l=60, r=20), title=f"forgetting {task}")
-    return fig
-
-
-def forget_matrix_figure(names: Sequence[str], matrix, title: str = "forget ratio (test split)") -> go.Figure:
-    """Heatmap of the task × task matrix: row = task forgotten, column = task measured."""
-    z = [[None if v != v else float(v) for v in row] for row in matrix.tolist()]
-    text = [["" if v is None else f"{v:.2f}" for v in row] for row in z]
-    fig = go.Figure(go.Heatmap(z=z, x=list(names), y=list(names), text=text, texttemplate="%{text}",
-                               colorscale="RdBu_r", zmid=0, zmin=-1, zmax=1.2,
-                               hovertemplate="forgot %{y}<br>measured %{x}<br>ratio %{z:.3f}<extra></extra>"))
-    fig.update_xaxes(title_text="task measured")
-    fig.update_yaxes(title_text="task forgotten", autorange="reversed")
-    fig.update_layout(height=380, margin=dict(t=40, b=40, l=90, r=20), title=title)
-    return fig
-
-
-def predictor_scatter(predictors: pl.DataFrame, predictor: str = "confidence",
-                      target: str = "forget_ratio_test") -> go.Figure:
-    """One point per task: a predictor (initial confidence or representation variability) against the forget
-    ratio on held-out data."""
-    fig = go.Figure(go.Scatter(x=predictors[predictor].to_list(), y=predictors[target].to_list(),
-                               mode="markers+text", text=predictors["task"].to_list(), textposition="top center",
-                               marker=dict(size=10, color="#1f77b4")))
-    fig.update_xaxes(title_text=predictor.replace("_", " "))
-    fig.update_yaxes(title_text=target.replace("_", " "))
-    fig.update_layout(height=320, margin=dict(t=40, b=40, l=60, r=20), title=f"{predictor} vs {target}")
-    return fig
-
-
-def report_section(store, run=None):
-    """The report's section: probe overviews per task (with a checkpoint slider) and, for forgetting runs,
-    the forgetting curves."""
-    from workbench.figures import with_slider
-    from workbench.report import Section
-
-    have = store.probes()
-    if "probes" not in have and "forgetting" not in have:
-        return None
-    sec = Section("Linear probes and forgetting")
-    if "forgetting" in have:
-        opts = store.options("forgetting") or {}
-        task = opts.get("task")
-        t = store.table("forgetting")
-        if task:
-            acc = t.filter(pl.col("metric") == "option_accuracy")
-            first, last = acc["step"].min(), acc["step"].max()
-            val = lambda g, s: acc.filter((pl.col("group") == g) & (pl.col("step") == s))["value"]  # noqa: E731
-            f0, f1 = val(f"{task}:forget", first), val(f"{task}:forget", last)
-            h0, h1 = val(f"{task}:test", first), val(f"{task}:test", last)
-            if len(f0) and len(h0):
-                sec.add(f"Forgetting {task} with {opts.get('labels')} labels on {opts.get('n')} inputs (lr "
-                        f"{opts.get('lr')}, {opts.get('epochs')} epochs): two-option accuracy on the forget set "
-                        f"{f0[0]:.3f} → {f1[0]:.3f}, on held-out test inputs {h0[0]:.3f} → {h1[0]:.3f}.")
-            sec.add(forgetting_curves(t, task))
-    if "probes" in have:
-        table = store.table("probes")
-        steps = sorted(table["step"].unique().to_list())
-        sec.add("Each heatmap shows the test accuracy of a logistic-regression probe on the last-token hidden "
-                "state after each block (rows) at each checkpoint (columns); hover for selectivity (accuracy "
-                "minus a control task's, Hewitt & Liang 2019). Beside it, the model's own accuracy and the best "
-                "probe's over the same checkpoints.")
-        for g in tasks(table):
-            sec.add(with_slider(lambda s, g=g: probe_overview(table, g, step=s), steps))
+def report_section(table: pl.DataFrame) -> Section:
+    """The report's section: a probe overview per task, with a checkpoint slider."""
+    steps = sorted(table["step"].unique().to_list())
+    sec = Section("Linear probes")
+    sec.add("Each heatmap shows the test accuracy of a logistic-regression probe on the last-token hidden "
+            "state after each block (rows) at each checkpoint (columns); hover for selectivity (accuracy "
+            "minus a control task's, Hewitt & Liang 2019). Beside it, the model's own accuracy and the best "
+            "probe's over the same checkpoints.")
+    for g in tasks(table):
+        sec.add(with_slider(lambda s, g=g: probe_overview(table, g, step=s), steps))
     return sec
 
 
-__all__ = ["forget_matrix_figure", "forgetting_curves", "predictor_scatter", "probe_layers", "probe_overview",
-           "report_section", "tasks"]
+__all__ = ["check_task", "probe_layers", "probe_overview", "report_section", "tasks"]

@@ -1,13 +1,15 @@
-"""Linear probes at every layer at once (SPEC section 3; Zhang, Choshen & Andreas, arXiv 2409.02228).
+"""Linear probes at every layer at once (docs/probes.md, "Linear probes"; Zhang, Choshen & Andreas,
+arXiv 2409.02228).
 
 :func:`fit_probes` trains one L2-regularized logistic regression per layer on features ``[layers, samples,
-dim]`` and labels ``[samples]``, with early stopping on a held-out part of the training data. All layers
-are one batched problem: each step is one batched matrix product over every layer, and each layer keeps
-its own L-BFGS curvature history, step length and stopping point, so a layer that converges or stops early
-does not change the others' result. An iteration reads the features twice (the logits of the search
-direction, then the gradient); the standardization is folded into the parameters, so the features are never
-copied; without early stopping a low-rank preconditioner cuts the iterations a few times over. The
-objective of one layer is, on standardized features,
+dim]`` and labels ``[samples]``, with early stopping on a held-out part of the training data. The layers
+are batched problems: each step is one batched matrix product over the layers of a group (on a GPU every
+layer; on a CPU cache-sized groups, spread over the threads), and each layer keeps its own L-BFGS curvature
+history, step length and stopping point, so a layer that converges or stops early does not change the
+others' result. An iteration reads the features twice (the logits of the search direction, then the
+gradient); the standardization is folded into the parameters, so the features are never copied; without
+early stopping a low-rank preconditioner cuts the iterations a few times over. The objective of one layer
+is, on standardized features,
 
     mean_i CE(x_i W + b, y_i) + l2 / 2 * ||W||²        (the bias is not penalized)
 
@@ -29,7 +31,9 @@ pairs would couple the layers); no library runs many independent L-BFGS problems
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -41,7 +45,7 @@ from workbench.errors import InputError, NumericalError
 # --- input checks (at the boundary only) ----------------------------------------------------------------
 
 
-def _as_features(features, name: str = "features", device=None) -> torch.Tensor:
+def _as_features(features, name: str = "features", device=None, check_finite: bool = True) -> torch.Tensor:
     x = features if isinstance(features, torch.Tensor) else torch.as_tensor(np.asarray(features))
     x = x.detach()
     if device is not None:
@@ -56,13 +60,21 @@ def _as_features(features, name: str = "features", device=None) -> torch.Tensor:
     if x.shape[1] == 0 or x.shape[2] == 0:
         raise InputError(f"{name} is empty (shape {tuple(x.shape)}); give at least one sample and one dimension")
     # A sum is finite exactly when every value is (bar overflow) and costs no mask the size of the features.
-    if not bool(torch.isfinite(x.sum())) and bool((bad := ~torch.isfinite(x)).any()):
+    if check_finite and not bool(torch.isfinite(x.sum())):
+        _raise_if_not_finite(x, name)
+    return x
+
+
+def _raise_if_not_finite(x: torch.Tensor, name: str = "features", first_layer: int = 0) -> None:
+    """The error for NaN or infinite values in ``x`` (layers numbered from ``first_layer``); nothing when every
+    value is finite (a sum that overflowed)."""
+    bad = ~torch.isfinite(x)
+    if bool(bad.any()):
         layer, sample, dim = (int(v) for v in bad.nonzero()[0])
         raise InputError(
-            f"{name} hold NaN or infinite values ({int(bad.sum())} of them, the first at layer {layer}, sample "
-            f"{sample}, dim {dim}); capture the hidden states again in float32, or drop those samples"
+            f"{name} hold NaN or infinite values ({int(bad.sum())} of them, the first at layer {first_layer + layer}, "
+            f"sample {sample}, dim {dim}); capture the hidden states again in float32, or drop those samples"
         )
-    return x
 
 
 def _as_labels(labels, n: int, n_classes: int | None, name: str = "labels", device=None) -> tuple[torch.Tensor, int]:
@@ -256,6 +268,13 @@ class _Problem:
 _SKETCH_RANK = 48  # the preconditioner's rank: on the benchmark, 32 needs more iterations and 64 saves none
 
 
+@functools.lru_cache(maxsize=4)
+def _test_matrix(dim: int, k: int, seed: int) -> torch.Tensor:
+    """An orthonormal random [dim, k] float64 matrix (the same for every group of layers of a fit)."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.linalg.qr(torch.randn(dim, k, generator=gen, dtype=torch.float64)).Q
+
+
 class _Preconditioner:
     """An approximate inverse of the objective's Hessian at zero: L-BFGS's initial matrix when fitting to the
     optimum.
@@ -274,13 +293,18 @@ class _Preconditioner:
         x = prob.x
         if rows.numel() < x.shape[1]:
             with _threads(x.device, prob.threads):
-                x = x[:, rows.sort().values]  # indexing, not index_select: that copies a strided view whole first
+                # Layer by layer: each layer's rows are contiguous even where the layers are not (index_select
+                # on the whole would copy such a strided view first, indexing is several times slower).
+                rows = rows.sort().values
+                sub = x.new_empty(x.shape[0], rows.numel(), x.shape[2])
+                for layer in range(x.shape[0]):
+                    torch.index_select(x[layer], 0, rows, out=sub[layer])
+                x = sub
         dim = x.shape[2]
         k = min(rank, dim)
         inv, mu = prob.inv.double(), raw_mean.double()
         # One test matrix for every layer, so a layer's preconditioner does not depend on the others.
-        gen = torch.Generator().manual_seed(seed)
-        q = torch.linalg.qr(torch.randn(dim, k, generator=gen, dtype=torch.float64)).Q.to(x.device)
+        q = _test_matrix(dim, k, seed).to(x.device)
         cq = self._cov_times(x, q, mu, inv, prob.threads)
         # One power iteration: without it the wide bulk leaks into the sketch of the strong directions (on the
         # benchmark twice the L-BFGS iterations).
@@ -313,12 +337,13 @@ class _Preconditioner:
     @staticmethod
     def _cov_times(x, q, mu, inv, threads: int) -> torch.Tensor:
         """Cov Q [L, D, k] for Q [D, k] or [L, D, k] (float64), over the samples of ``x``: two products with k
-        columns, the mean and scale folded in."""
-        qs = q * inv[:, :, None]  # Q in raw coordinates
-        y = _bmm(qs.transpose(1, 2).float(), x.transpose(1, 2), threads)
-        y = (y - (mu[:, :, None] * qs).sum(1)[:, :, None].float()) / x.shape[1]  # centred, [L, k, m]
-        z = _bmm(y, x, threads).double()
-        return ((z - y.sum(-1).double()[:, :, None] * mu[:, None]) * inv[:, None]).transpose(1, 2)
+        columns, the mean and scale folded in. X Q then Xᵀ(X Q): on the CPU this orientation of the two
+        products is about a third faster than Qᵀ Xᵀ then (Qᵀ Xᵀ) X."""
+        qs = (q * inv[:, :, None]).float()  # Q in raw coordinates
+        y = _bmm(x, qs.expand(x.shape[0], -1, -1), threads)  # [L, m, k]
+        y = (y - (mu[:, :, None] * qs).sum(1)[:, None].float()) / x.shape[1]  # centred
+        z = _bmm(x.transpose(1, 2), y, threads).double()  # [L, D, k]
+        return (z - mu[:, :, None] * y.sum(1).double()[:, None]) * inv[:, :, None]
 
     def __call__(self, q: torch.Tensor) -> torch.Tensor:
         """The approximate inverse Hessian times ``q`` [L, T, K, D+1]."""
@@ -338,6 +363,62 @@ class _Preconditioner:
         if self.shift is not None:  # and back
             pb = pb - (self.shift[:, None, None] * pw).sum(-1)
         return torch.cat([pw, pb[..., None]], dim=-1)
+
+
+class _Curvature:
+    """The last ``history`` curvature pairs (s, y) of every problem, in the compact form of Byrd, Nocedal &
+    Schnabel (1994, eq. 3.13): the inverse-Hessian approximation H (initial matrix ``gamma·P``, P the
+    preconditioner) times a vector is then a few batched products whatever the history's length, where the
+    two-loop recursion costs four small operations per pair (each a dispatch of its own: on a CPU, with ten
+    pairs, a large share of the fit's time). A pair failing the curvature condition is stored as zeros for its problem, with a
+    unit diagonal in R, and then contributes nothing. The m × m algebra runs in float64.
+    """
+
+    def __init__(self, n_problems: int, n_params: int, history: int, like: torch.Tensor):
+        self.history = history
+        self.s = like.new_zeros(n_problems, 0, n_params)  # steps
+        self.py = like.new_zeros(n_problems, 0, n_params)  # P times the gradient changes
+        self.r = torch.zeros(n_problems, 0, 0, dtype=torch.float64, device=like.device)  # triu(Sᵀ Y)
+        self.ypy = torch.zeros_like(self.r)  # Yᵀ P Y
+        self.gamma = torch.ones(n_problems, dtype=torch.float64, device=like.device)
+
+    def direction(self, g: torch.Tensor, pg: torch.Tensor) -> torch.Tensor:
+        """-H g for gradients g [P, n] with pg = P g."""
+        gamma = self.gamma[:, None]
+        if self.s.shape[1] == 0:
+            return -(gamma.to(pg.dtype) * pg)
+        a = torch.bmm(self.s, g[:, :, None]).double()  # Sᵀ g
+        b = torch.bmm(self.py, g[:, :, None]).double()  # Yᵀ P g
+        c = torch.linalg.solve_triangular(self.r, a, upper=True)
+        rhs = torch.diagonal(self.r, dim1=1, dim2=2)[:, :, None] * c + gamma[:, :, None] * (self.ypy @ c - b)
+        u = torch.linalg.solve_triangular(self.r.transpose(1, 2), rhs, upper=False)
+        hg = (gamma * pg.double()).to(pg.dtype) + torch.bmm(u.transpose(1, 2).to(g.dtype), self.s)[:, 0] \
+            - torch.bmm((gamma[:, :, None] * c).transpose(1, 2).to(g.dtype), self.py)[:, 0]
+        return -hg
+
+    def add(self, s: torch.Tensor, y: torch.Tensor, py: torch.Tensor) -> None:
+        """Add the pair (s, y) [P, n] (py = P y) of every problem; a problem whose pair has too little curvature
+        (sᵀy not clearly positive: the approximation would lose positive definiteness) keeps its history."""
+        sy = (s * y).sum(-1).double()
+        good = sy > 1e-10 * (y * y).sum(-1).double().sqrt() * (s * s).sum(-1).double().sqrt()
+        keep = good[:, None].to(s.dtype)
+        s, y, py = s * keep, y * keep, py * keep
+        if self.s.shape[1] == self.history:
+            self.s, self.py = self.s[:, 1:], self.py[:, 1:]
+            self.r, self.ypy = self.r[:, 1:, 1:], self.ypy[:, 1:, 1:]
+        self.s = torch.cat([self.s, s[:, None]], 1)
+        self.py = torch.cat([self.py, py[:, None]], 1)
+        j = self.s.shape[1]
+        col = torch.bmm(self.s, y[:, :, None])[:, :, 0].double()  # s_iᵀ y: the new column of R
+        col[:, -1] = torch.where(good, col[:, -1], 1.0)
+        self.r = F.pad(self.r, (0, 1, 0, 1))
+        self.r[:, :, j - 1] = col
+        ypy = torch.bmm(self.py, y[:, :, None])[:, :, 0].double()  # (P y_i)ᵀ y = y_iᵀ P y
+        self.ypy = F.pad(self.ypy, (0, 1, 0, 1))
+        self.ypy[:, :, j - 1] = ypy
+        self.ypy[:, j - 1, :] = ypy
+        ypy_new = ypy[:, -1]
+        self.gamma = torch.where(good, sy / ypy_new.clamp_min(1e-30), self.gamma)
 
 
 def _lbfgs(
@@ -367,32 +448,20 @@ def _lbfgs(
     z = prob.logits(theta) if bool(theta.any()) else theta.new_zeros(*theta.shape[:3], prob.fit_w.shape[0])
     f = prob.loss(z, theta)
     g = prob.grad(z, theta)
+    pg = g if precond is None else precond(g)  # P g; P is linear, so P y = P g_new - P g_old costs nothing more
     L, T = f.shape
+    shape, flat = theta.shape, (L * T, -1)
     dev = theta.device
+    curvature = _Curvature(L * T, theta[0, 0].numel(), history, theta)
     active = torch.ones(L, T, dtype=torch.bool, device=dev)
     converged = torch.zeros(L, T, dtype=torch.bool, device=dev)
-    s_hist: list[torch.Tensor] = []
-    y_hist: list[torch.Tensor] = []
-    rho_hist: list[torch.Tensor] = []
-    gamma = torch.ones(L, T, device=dev)
     best_it = torch.zeros(L, T, dtype=torch.long, device=dev)
     if early_stop:
         best = prob.val_loss(z)
         best_theta = theta.clone()
         stall = torch.zeros(L, T, dtype=torch.long, device=dev)
     for it in range(1, max_iter + 1):
-        # Two-loop recursion, per problem (a pair with rho = 0 is skipped for its problem).
-        q = g.clone()
-        alphas = []
-        for s, y, r in zip(reversed(s_hist), reversed(y_hist), reversed(rho_hist)):
-            a = r * _pdot(s, q)
-            q -= _bc(a) * y
-            alphas.append(a)
-        d = _bc(gamma) * (q if precond is None else precond(q))
-        for s, y, r, a in zip(s_hist, y_hist, rho_hist, reversed(alphas)):
-            beta = r * _pdot(y, d)
-            d += _bc(a - beta) * s
-        d = -d
+        d = curvature.direction(g.reshape(flat), pg.reshape(flat)).view(shape)
         gd = _pdot(g, d)
         uphill = gd >= 0  # not a descent direction (rare, from round-off): steepest descent instead
         if bool(uphill.any()):
@@ -401,7 +470,7 @@ def _lbfgs(
         d = d * _bc(active.float())
         # The first step has no curvature to scale it but the preconditioner's; without one keep it short, as
         # torch's LBFGS does.
-        if s_hist or precond is not None:
+        if it > 1 or precond is not None:
             t = torch.ones(L, T, device=dev)
         else:
             t = 1.0 / g.abs().sum(dim=(2, 3)).clamp_min(1.0)
@@ -414,9 +483,12 @@ def _lbfgs(
             fc = prob.loss(zc, cand)
             ok = todo & (fc <= f + 1e-4 * t * gd) & torch.isfinite(fc)
             if bool(ok.any()):
-                new_theta = torch.where(_bc(ok), cand, new_theta)
+                # t is no longer changed where a step was accepted, so there cand is that step: where every
+                # problem still searching accepts, cand is the whole answer (the common case, one copy fewer).
+                every = bool((ok | ~todo).all())
+                new_theta = cand if every else torch.where(_bc(ok), cand, new_theta)
+                new_z = zc if every else torch.where(_bc(ok), zc, new_z)
                 new_f = torch.where(ok, fc, new_f)
-                new_z = torch.where(_bc(ok), zc, new_z)
                 todo &= ~ok
             if not bool(todo.any()):
                 break
@@ -447,20 +519,12 @@ def _lbfgs(
             converged |= stalled
             theta = new_theta
             break
-        new_g = torch.where(_bc(moved), prob.grad(new_z, new_theta), g)  # the second pass
-        s = new_theta - theta
-        y = new_g - g
-        sy = _pdot(s, y)
-        good = sy > 1e-10 * _pdot(y, y).clamp_min(1e-30).sqrt() * _pdot(s, s).clamp_min(1e-30).sqrt()
-        rho = torch.where(good, 1.0 / sy.clamp_min(1e-30), torch.zeros_like(sy))
-        yhy = _pdot(y, y if precond is None else precond(y))
-        gamma = torch.where(good, sy / yhy.clamp_min(1e-30), gamma)
-        s_hist.append(s)
-        y_hist.append(y)
-        rho_hist.append(rho)
-        if len(s_hist) > history:
-            s_hist.pop(0), y_hist.pop(0), rho_hist.pop(0)
-        theta, f, g, z = new_theta, new_f, new_g, new_z
+        new_g = prob.grad(new_z, new_theta)  # the second pass
+        if not bool(moved.all()):
+            new_g = torch.where(_bc(moved), new_g, g)
+        new_pg = new_g if precond is None else precond(new_g)
+        curvature.add((new_theta - theta).reshape(flat), (new_g - g).reshape(flat), (new_pg - pg).reshape(flat))
+        theta, f, g, z, pg = new_theta, new_f, new_g, new_z, new_pg
         done = (g.abs().amax(dim=(2, 3)) <= tol) | stalled
         converged |= done & active
         active = patient & ~done
@@ -507,20 +571,25 @@ def _few_threads_if_small(device: torch.device, numel: int):
 
 def _fit_moments(x: torch.Tensor, part: torch.Tensor, threads: int):
     """Mean and population std [L, D] of features [L, N, D] over the samples where ``part`` [N] is 1 (as
-    StandardScaler on that part), without copying the features: the mean is one product (with weights 1, so
-    a constant feature gets its exact value, and so zero spread); the squared deviations are summed over chunks
-    of samples small enough to stay in cache (several times faster than larger ones), on one thread (a thread
-    pool woken for each chunk costs more than it saves)."""
+    StandardScaler on that part), in one read of the features: over chunks of samples small enough to stay in
+    cache, the weighted sums of the features and of their squares, both shifted by the first fitted sample (so
+    a constant feature gets its exact value and zero spread, and large offsets cancel before squaring), summed
+    in float64. On one thread: a thread pool woken for each chunk costs more than it saves."""
     L, n, dim = x.shape
     count = part.sum()
-    mean = _bmm(part.expand(L, 1, n), x, threads)[:, 0] / count
-    var = torch.zeros_like(mean)
+    shift = x[:, int(part.nonzero()[0, 0])].clone()  # [L, D]
+    total = torch.zeros(L, 1, dim, dtype=torch.float64, device=x.device)
+    squares = torch.zeros_like(total)
     chunk_bytes = 1 << 20 if x.device.type == "cpu" else 1 << 28  # a GPU wants few, large launches instead
     step = max(1, chunk_bytes // (x.element_size() * L * dim))
     for i in range(0, n, step):
-        centred = x[:, i:i + step] - mean[:, None]
-        var += torch.bmm(part[i:i + step].expand(L, 1, -1), centred.square_())[:, 0]
-    return mean, (var / count).sqrt()
+        centred = x[:, i:i + step] - shift[:, None]
+        w = part[i:i + step].expand(L, 1, -1)
+        total += torch.bmm(w, centred)
+        squares += torch.bmm(w, centred.square_())
+    mean_shift = (total[:, 0] / count).float()
+    var = (squares[:, 0] / count - (total[:, 0] / count) ** 2).clamp_min(0)
+    return shift + mean_shift, var.sqrt().float()
 
 
 # --- the probes ------------------------------------------------------------------------------------------------
@@ -612,30 +681,60 @@ class LinearProbes:
 
 
 #: On a CPU, layers are fitted in groups whose features fit in about this many bytes: every L-BFGS iteration
-#: reads a group's features twice, and from the cache rather than main memory that is up to twice as fast (the
-#: fits are independent per layer, so grouping changes no result).
-_CPU_GROUP_BYTES = 16 << 20
+#: reads a group's features twice, faster from the cache than from main memory, while each group's iteration
+#: costs a fixed number of small operations whatever its size (the fits are independent per layer, so
+#: grouping changes no result).
+_CPU_GROUP_BYTES = 48 << 20
 
 
 def _layer_groups(x: torch.Tensor) -> list[slice]:
-    """Slices of the layers of ``x`` [L, N, D] to fit together: all at once on a GPU (fewer, larger launches)."""
+    """Slices of the layers of ``x`` [L, N, D] to fit together: all at once on a GPU (fewer, larger launches);
+    on a CPU groups within the byte budget, as many as a multiple of the threads where the layers allow, so that
+    the threads (see :func:`_map_groups`) end together."""
     L = x.shape[0]
     if x.device.type != "cpu":
         return [slice(0, L)]
     per_layer = x[0].numel() * x.element_size()
     size = max(1, min(L, _CPU_GROUP_BYTES // max(1, per_layer)))
+    threads = torch.get_num_threads()
+    if threads > 1 and per_layer * L > _CPU_GROUP_BYTES // 4:  # small problems: one group, one thread's work
+        n_groups = min(L, -(-L // size // threads) * threads)
+        size = -(-L // n_groups)
     return [slice(i, min(i + size, L)) for i in range(0, L, size)]
 
 
+def _map_groups(fit, groups: list[slice], device: torch.device) -> list:
+    """``fit`` over the layer groups. On a CPU with several threads and groups, the groups are spread over the
+    threads (each takes the next group when it is free), every operation then on one thread: that is how
+    scikit-learn's users fit layers in parallel too, and it scales where splitting each small product over
+    the threads does not (each thread streams its own layer's features from its cache). torch releases the
+    GIL inside its operations, so Python threads suffice. A layer's fit does not depend on the grouping."""
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads < 2 or len(groups) < 2:
+        return [fit(g) for g in groups]
+    # Threads started after this read the count once, at their first parallel operation.
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(max_workers=min(threads, len(groups))) as pool:
+            return list(pool.map(fit, groups))
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _fit_layers(x, ys, fit_w, val_w, fit_rows, n_classes: int, *, l2, standardize, max_epochs, tol, history,
-                patience, min_delta, seed):
-    """Fit the probes of the layers of ``x`` [L, N, D] together: (theta, epochs, converged, mean, scale)."""
+                patience, min_delta, seed, first_layer: int = 0):
+    """Fit the probes of the layers of ``x`` [L, N, D] (layers ``first_layer``... of the caller's) together:
+    (theta, epochs, converged, mean, scale)."""
     dev = x.device
     L, _, dim = x.shape
     n_val = int((val_w > 0).sum())
     threads = _pass_threads(x.numel())
     with _threads(dev, 1):
         raw_mean, raw_std = _fit_moments(x, (fit_w > 0).float(), threads)
+        # 0 · NaN is NaN: the moments are finite exactly when every value is (bar overflow), so this read of the
+        # features is also the input check.
+        if not bool(torch.isfinite(raw_mean.sum() + raw_std.sum())):
+            _raise_if_not_finite(x, first_layer=first_layer)
         raw_var = raw_std * raw_std
         if standardize:
             mean = raw_mean
@@ -705,7 +804,7 @@ def fit_probes(
         raise InputError(f"val_fraction must be in [0, 1), not {val_fraction}")
     if max_epochs < 1 or patience < 1:
         raise InputError("max_epochs and patience must be at least 1")
-    x = _as_features(features, device=device)
+    x = _as_features(features, device=device, check_finite=False)  # the moments' pass checks (_fit_layers)
     dev = x.device
     L, n, dim = x.shape
     y, n_classes = _as_labels(labels, n, n_classes, device=dev)
@@ -745,11 +844,12 @@ def fit_probes(
     val_w = torch.zeros(n, device=dev)
     if n_val:
         val_w.index_fill_(0, perm[:n_val], 1.0 / n_val)
-    fits = [
-        _fit_layers(x[group], ys, fit_w, val_w, perm[n_val:], n_classes, l2=l2, standardize=standardize,
-                    max_epochs=max_epochs, tol=tol, history=history, patience=patience, min_delta=min_delta, seed=seed)
-        for group in _layer_groups(x)
-    ]
+    def fit(group: slice):
+        return _fit_layers(x[group], ys, fit_w, val_w, perm[n_val:], n_classes, l2=l2, standardize=standardize,
+                           max_epochs=max_epochs, tol=tol, history=history, patience=patience, min_delta=min_delta,
+                           seed=seed, first_layer=group.start)
+
+    fits = _map_groups(fit, _layer_groups(x), dev)
     theta, epochs, converged, mean, scale = (torch.cat(parts) for parts in zip(*fits))
     opts = dict(l2=l2, val_fraction=val_fraction, max_epochs=max_epochs, patience=patience, min_delta=min_delta,
                 tol=tol, standardize=standardize, seed=seed)

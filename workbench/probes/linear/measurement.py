@@ -1,7 +1,8 @@
 """Linear probes at every block and checkpoint: the ``probes`` measurement.
 
 At each checkpoint it captures the last-token hidden state after every block, and for each task fits one
-probe per block on the task's ``train`` split and scores it on its ``test`` split (SPEC section 3). Tasks
+probe per block on the task's ``train`` split and scores it on its ``test`` split (docs/probes.md,
+"Linear probes"; Zhang, Choshen & Andreas, arXiv 2409.02228). Tasks
 come from the sample groups: a group ``task:split`` belongs to ``task``; a group without ':' (the built-in
 modular-addition run's ``train`` / ``test``) belongs to task ``all``. A probe's label is the answer token
 of the sample (its last scored target), as a class index among the task's answers: the right option of a
@@ -17,17 +18,21 @@ type is the input token at ``control_position``, by default the one before the l
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 import polars as pl
 import torch
 
 from workbench.capture import Capture, CaptureSpec, default_device
 from workbench.errors import InputError
-from workbench.measure import Measurement, StepContext
-from workbench.probes.forgetting.protocol import split_group
+from workbench.figures import Section
+from workbench.measure import Measurement, StepContext, setting
+from workbench.probes.linear import figures
 from workbench.probes.linear.functions import fit_probes
-from workbench.runs import Run
-from workbench.samples import IGNORE
+from workbench.models import adapter_for
+from workbench.runs import Run, release
+from workbench.samples import IGNORE, split_group
+from workbench.store import Store
 
 
 def count_blocks(run: Run) -> int:
@@ -38,6 +43,7 @@ def count_blocks(run: Run) -> int:
     first = run.checkpoints[0]
     if first.kind in ("hf", "hub"):
         try:
+            # transformers takes seconds to import: only for runs of its checkpoints
             from transformers import AutoConfig
 
             cfg = AutoConfig.from_pretrained(first.source, revision=first.revision)
@@ -46,9 +52,6 @@ def count_blocks(run: Run) -> int:
                 return int(n)
         except (OSError, ValueError):
             pass  # fall back to loading the model
-    from workbench.models import adapter_for
-    from workbench.runs import release
-
     model = first.load()
     try:
         return len(adapter_for(model).blocks(model))
@@ -66,10 +69,11 @@ def answer_tokens(targets: Sequence[Sequence[int]]) -> torch.Tensor:
     return torch.tensor(out, dtype=torch.long)
 
 
+@dataclass(frozen=True)
 class LinearProbeAccuracy(Measurement):
     """Probe accuracy and selectivity per block, task and checkpoint (see the module docstring).
 
-    layers: block indices (default: every block, found from the run when measuring).
+    layers: block indices (default: every block of the run's model, settled from the run).
     l2, val_fraction, max_epochs, patience, seed: passed to :func:`workbench.probes.linear.fit_probes`.
     control: fit control-task probes for selectivity. control_position: which input token is a sample's type.
     train_split, test_split: the split names in the groups. max_train: subsample the train split (seeded).
@@ -77,32 +81,36 @@ class LinearProbeAccuracy(Measurement):
     """
 
     name = "probes"
+    view = "widgets.linear:ProbeView"
+    in_demo = True
+    section_order = 60
 
-    def __init__(self, layers: Sequence[int] | None = None, *, l2: float = 1e-3, val_fraction: float = 0.1,
-                 max_epochs: int = 500, patience: int = 5, control: bool = True, control_position: int = -2,
-                 train_split: str = "train", test_split: str = "test", max_train: int | None = None, seed: int = 0,
-                 device=None):
-        self.requested_layers = tuple(int(v) for v in layers) if layers is not None else None
-        self.layers = self.requested_layers
-        self.l2, self.val_fraction, self.max_epochs, self.patience = l2, val_fraction, max_epochs, patience
-        self.control, self.control_position = control, control_position
-        self.train_split, self.test_split, self.max_train = train_split, test_split, max_train
-        self.seed, self.device = seed, device
+    layers: tuple[int, ...] | None = None
+    l2: float = 1e-3
+    val_fraction: float = 0.1
+    max_epochs: int = 500
+    patience: int = 5
+    control: bool = True
+    control_position: int = -2
+    train_split: str = "train"
+    test_split: str = "test"
+    max_train: int | None = None
+    seed: int = 0
+    device: str | None = setting(None)
 
-    def prepare(self, run: Run) -> None:
-        self.layers = self.requested_layers if self.requested_layers is not None else tuple(range(count_blocks(run)))
+    def __post_init__(self) -> None:
+        if self.layers is not None:  # frozen: a list becomes a tuple
+            object.__setattr__(self, "layers", tuple(int(v) for v in self.layers))
+
+    def settle(self, run: Run) -> "LinearProbeAccuracy":
+        """Every block of the run's model when no layers were given."""
+        return self if self.layers is not None else replace(self, layers=tuple(range(count_blocks(run))))
 
     def spec(self) -> CaptureSpec:
         if self.layers is None:
-            raise InputError("the probes measurement does not know its layers yet: give layers=, or run it through "
-                             "workbench.measure (which calls prepare(run))")
+            raise InputError("the probes measurement does not know its layers yet: give layers=, or settle it on a "
+                             "run (settle(run), which workbench.measure calls)")
         return CaptureSpec(hidden_layers=self.layers, hidden_reduce="last")
-
-    def options(self) -> dict:
-        return {"layers": list(self.layers) if self.layers is not None else None, "l2": self.l2,
-                "val_fraction": self.val_fraction, "max_epochs": self.max_epochs, "patience": self.patience,
-                "control": self.control, "control_position": self.control_position, "train_split": self.train_split,
-                "test_split": self.test_split, "max_train": self.max_train, "seed": self.seed}
 
     def measure(self, cap: Capture, ctx: StepContext) -> pl.DataFrame:
         layers = sorted(cap.hidden)
@@ -157,6 +165,10 @@ class LinearProbeAccuracy(Measurement):
                 f"'{self.test_split}'); the groups are {samples.group_names}"
             )
         return pl.concat(parts, how="diagonal_relaxed")
+
+    @classmethod
+    def section(cls, store: Store, run: Run | None = None) -> Section | None:
+        return figures.report_section(cls.table(store)) if cls.measured(store) else None
 
 
 __all__ = ["LinearProbeAccuracy", "answer_tokens", "count_blocks"]

@@ -18,51 +18,53 @@ import polars as pl
 from plotly.subplots import make_subplots
 
 from workbench.errors import InputError
-from workbench.figures import PALETTE, color, nearest_step
+from workbench.figures import (ALL_STEPS, PALETTE, Section, color, nearest_step, pick_groups, step_axis, step_line,
+                               step_x, value_at, with_slider)
+from workbench.samples import OVERALL
 
 
 def _means(table: pl.DataFrame) -> pl.DataFrame:
     return table.filter(pl.col("sample_id").is_null() & pl.col("step").is_not_null())
 
 
-def _groups(means: pl.DataFrame, groups) -> list[str]:
-    have = [g for g in means["group"].unique(maintain_order=True).to_list() if g is not None]
-    if groups is None:
-        return [g for g in have if g != "all"] or have
-    missing = [g for g in groups if g not in have]
-    if missing:
-        raise InputError(f"the pathways table has no group(s) {missing}; it has {have}")
-    return list(groups)
-
-
-def _x(steps, log_x: bool):
-    return [max(s, 1) for s in steps] if log_x else list(steps)
-
-
 def pathway_curves(table: pl.DataFrame, step: int | None = None, groups=None, log_x: bool = True,
                    consistency: str = "consistency") -> go.Figure:
-    """Three panels over steps: mean pathway distance, ``consistency`` (or ``consistency_raw``: group mean
-    solid, median dashed) and accuracy, one line per group; a dotted line at ``step``."""
+    """Three panels over all steps: mean pathway distance, ``consistency`` (or ``consistency_raw``: group mean
+    solid, median dashed) and accuracy, one line per group. With ``step``: a dotted line there, the values at
+    that step as points and in the title."""
     means = _means(table).filter(pl.col("layer").is_null()).sort("step")
-    groups = _groups(means, groups)
+    groups = pick_groups(means, groups, "pathways")
+    all_steps = sorted(means["step"].unique().to_list())
     titles = ("pathway distance", f"{consistency.replace('_', ' ')} (mean, median dashed)", "accuracy")
     fig = make_subplots(rows=1, cols=3, subplot_titles=titles, horizontal_spacing=0.08)
     panels = [(1, "distance", "solid"), (2, consistency, "solid"), (2, f"{consistency}_median", "dash"),
               (3, "accuracy", "solid")]
+    at = {g: [] for g in groups}
     for col, metric, dash in panels:
         for i, g in enumerate(groups):
             d = means.filter((pl.col("metric") == metric) & (pl.col("group") == g))
-            fig.add_trace(go.Scatter(x=_x(d["step"].to_list(), log_x), y=d["value"].to_list(), mode="lines+markers",
+            steps, values = d["step"].to_list(), d["value"].to_list()
+            fig.add_trace(go.Scatter(x=step_x(steps, log_x, all_steps), y=values, mode="lines+markers",
                                      name=g if dash == "solid" else f"{g} (median)", legendgroup=g,
                                      showlegend=col == 1, marker=dict(size=4),
                                      line=dict(color=color(g, i), dash=dash)), row=1, col=col)
-    if step is not None:
-        for col in (1, 2, 3):
-            fig.add_vline(x=max(step, 1) if log_x else step, line=dict(color="black", dash="dot", width=1),
-                          row=1, col=col)
-    fig.update_xaxes(title_text="step", type="log" if log_x else "linear")
+            if step is not None:
+                v = value_at(steps, values, step)
+                fig.add_trace(go.Scatter(x=step_x([step], log_x, all_steps), y=[v], mode="markers",
+                                         showlegend=False, legendgroup=g, hoverinfo="skip",
+                                         marker=dict(size=9, color=color(g, i), line=dict(color="black", width=1))),
+                              row=1, col=col)
+                if v is not None and metric in ("distance", "accuracy"):
+                    at[g].append(f"{metric} {v:.2f}")
+    for col in (1, 2, 3):
+        step_axis(fig, all_steps, log_x, row=1, col=col)
+        if step is not None:
+            step_line(fig, step, all_steps, log_x, row=1, col=col)
     fig.update_yaxes(range=[-0.02, 1.02], row=1, col=3)
-    fig.update_layout(height=340, margin=dict(t=40, b=40, l=50, r=20), legend=dict(orientation="h", y=-0.2))
+    title = (f"step {step}: " + "; ".join(f"{g} " + ", ".join(v) for g, v in at.items() if v)) \
+        if step is not None else f"pathway distance, consistency and accuracy, {ALL_STEPS}"
+    fig.update_layout(height=360, margin=dict(t=60, b=40, l=50, r=20), legend=dict(orientation="h", y=-0.2),
+                      title=dict(text=title, x=0.01, font=dict(size=13)))
     return fig
 
 
@@ -86,11 +88,14 @@ def layer_heatmap(table: pl.DataFrame, group: str = "train", step: int | None = 
     every = max(1, len(steps) // 10)
     fig.update_xaxes(tickvals=list(range(0, len(steps), every)), ticktext=[str(s) for s in steps[::every]],
                      title_text="step")
+    title = f"per-layer pathway distance, {group}, {ALL_STEPS}"
     if step is not None:
-        at = steps.index(nearest_step(steps, step))
+        step = nearest_step(steps, step)
+        at = steps.index(step)
         fig.add_vline(x=at, line=dict(color="white", dash="dot", width=2))
-    fig.update_layout(height=320, margin=dict(t=40, b=40, l=50, r=20),
-                      title=dict(text=f"per-layer pathway distance, {group}", x=0.01))
+        title = f"per-layer pathway distance, {group}, step {step}: " + ", ".join(
+            f"L{layer} {z[i][at]:.2f}" for i, layer in enumerate(layers) if z[i][at] == z[i][at])
+    fig.update_layout(height=320, margin=dict(t=40, b=40, l=50, r=20), title=dict(text=title, x=0.01))
     return fig
 
 
@@ -113,7 +118,8 @@ def pathway_figure(table: pl.DataFrame, sample_id: str | None = None, step: int 
     step = nearest_step(steps, step)
     by_step = dict(mine.select("step", "pathway").iter_rows())
     layer_ids = sorted(table.filter(pl.col("layer").is_not_null())["layer"].unique().to_list())
-    n_exp = 1 + max(e for t in rows["pathway"].unique().to_list() for layer in _parse(t) for e in layer)
+    # the largest expert id in any pathway, in one polars pass (parsing every pathway string is slow)
+    n_exp = 1 + int(rows["pathway"].str.extract_all(r"\d+").explode().cast(pl.Int64).max())
     fig = go.Figure()
     for which, s, style in (("last", steps[-1], dict(color="#bbbbbb")), ("now", step, dict(color="#1f77b4"))):
         path = _parse(by_step[s])
@@ -136,30 +142,37 @@ def pathway_figure(table: pl.DataFrame, sample_id: str | None = None, step: int 
 
 
 def since_curves(final: pl.DataFrame, metric: str = "distance", kind: str = "train", step: int | None = None,
-                 log_x: bool = True) -> go.Figure:
-    """``metric`` over steps for the groups ``<kind>@<t>`` (memorized or generalized at t), one line each;
-    the step each group settled at is marked on its line."""
+                 log_x: bool = True, max_groups: int = 6) -> go.Figure:
+    """``metric`` over all steps for the groups ``<kind>@<t>`` (memorized or generalized at t), one line each
+    for the ``max_groups`` largest groups (a chart of twenty tangled lines shows nothing; the title says how
+    many are left out); the step each group settled at is marked on its line."""
     d = final.filter(pl.col("group").str.starts_with(f"{kind}@") & (pl.col("metric") == metric)
                      & pl.col("layer").is_null() & pl.col("step").is_not_null()).sort("step")
     fig = go.Figure()
-    names = sorted(d["group"].unique().to_list(), key=lambda g: int(g.split("@")[1]))
     n = dict(final.filter(pl.col("metric") == "n_samples").select("group", "value").iter_rows())
-    for i, g in enumerate(names):
+    names = d["group"].unique().to_list()
+    shown = sorted(sorted(names, key=lambda g: (-n.get(g, 0), g))[:max_groups], key=lambda g: int(g.split("@")[1]))
+    all_steps = sorted(d["step"].unique().to_list())
+    for i, g in enumerate(shown):
         gd = d.filter(pl.col("group") == g)
         since = int(g.split("@")[1])
         c = PALETTE[i % len(PALETTE)]
-        fig.add_trace(go.Scatter(x=_x(gd["step"].to_list(), log_x), y=gd["value"].to_list(), mode="lines",
-                                 name=f"{g} (n={int(n.get(g, 0))})", line=dict(color=c)))
+        fig.add_trace(go.Scatter(x=step_x(gd["step"].to_list(), log_x, all_steps), y=gd["value"].to_list(),
+                                 mode="lines", name=f"{g} (n={int(n.get(g, 0))})", legendgroup=g, line=dict(color=c)))
         at = gd.filter(pl.col("step") == since)
         if not at.is_empty():
-            fig.add_trace(go.Scatter(x=_x([since], log_x), y=at["value"].to_list(), mode="markers", showlegend=False,
-                                     marker=dict(color=c, size=8, symbol="diamond"), hoverinfo="skip"))
+            fig.add_trace(go.Scatter(x=step_x([since], log_x, all_steps), y=at["value"].to_list(), mode="markers",
+                                     showlegend=False, legendgroup=g, hoverinfo="skip",
+                                     marker=dict(color=c, size=8, symbol="diamond")))
     if step is not None:
-        fig.add_vline(x=max(step, 1) if log_x else step, line=dict(color="black", dash="dot", width=1))
-    fig.update_xaxes(title_text="step", type="log" if log_x else "linear")
+        step_line(fig, step, all_steps, log_x)
+    step_axis(fig, all_steps, log_x)
     fig.update_yaxes(title_text=metric.replace("_", " "))
-    fig.update_layout(height=340, margin=dict(t=40, b=40, l=50, r=20),
-                      title=dict(text=f"{metric.replace('_', ' ')} of groups {kind}@t (◆ = t)", x=0.01))
+    left_out = len(names) - len(shown)
+    more = f"; the {len(shown)} largest of {len(names)} groups" if left_out else ""
+    fig.update_layout(height=360, margin=dict(t=40, b=40, l=50, r=20), legend=dict(orientation="h", y=-0.2),
+                      title=dict(text=f"{metric.replace('_', ' ')} of groups {kind}@t (◆ = t), {ALL_STEPS}{more}",
+                                 x=0.01))
     return fig
 
 
@@ -178,7 +191,7 @@ def _correlation_text(corr: pl.DataFrame, acc_group: str, n_steps: int) -> str:
         d = corr.filter((pl.col("group") == group) & (pl.col("of") == of) & (pl.col("window") == window))
         return (float(d["pearson"][0]), float(d["spearman"][0])) if not d.is_empty() else (math.nan, math.nan)
 
-    group = "train" if "train" in corr["group"].to_list() else "all"
+    group = "train" if "train" in corr["group"].to_list() else OVERALL
     parts = []
     for of, label in (("distance", "distance"), ("consistency", "consistency (mean)"),
                       ("consistency_raw_median", "consistency_raw (median)")):
@@ -198,19 +211,12 @@ def _correlation_text(corr: pl.DataFrame, acc_group: str, n_steps: int) -> str:
             + "; ".join(parts) + "." + which)
 
 
-def report_section(store, run=None):
-    """The report section of the pathways probe (registered in ``workbench.report.SECTIONS``)."""
-    from workbench import figures
-    from workbench.report import Section
-
-    if "pathways" not in store.probes():
-        return None
-    table = store.table("pathways", final=False)
+def report_section(table: pl.DataFrame, final: pl.DataFrame, opts: dict) -> Section | None:
+    """The pathways section of the run report, from the per-checkpoint and final tables and the options they
+    were measured with; None when the table is empty."""
     if table.is_empty():
         return None
-    final = store.table("pathways", final=True)
     steps = sorted(table["step"].unique().to_list())
-    opts = store.options("pathways") or {}
     sec = Section("Routing pathways")
     sec.add(
         f"A sample's pathway is, at each MoE layer, the shortest list of experts (by routing weight) whose weight "
@@ -222,12 +228,12 @@ def report_section(store, run=None):
     corr = correlation_table(final)
     if not corr.is_empty():
         sec.add(_correlation_text(corr, opts.get("accuracy_group", "test"), len(steps)))
-    sec.add(figures.with_slider(lambda s: pathway_curves(table, step=s), steps))
-    groups = [g for g in ("train", "test") if g in table["group"].unique().to_list()] or ["all"]
+    sec.add(with_slider(lambda s: pathway_curves(table, step=s), steps))
+    groups = [g for g in ("train", "test") if g in table["group"].unique().to_list()] or [OVERALL]
     sec.add(layer_heatmap(table, group=groups[0]))
     if "pathway" in table.columns and table["pathway"].drop_nulls().len():
         sample = table.filter(pl.col("group") == groups[0])["sample_id"].drop_nulls().sort()[0]
-        sec.add(figures.with_slider(lambda s: pathway_figure(table, sample, step=s), steps))
+        sec.add(with_slider(lambda s: pathway_figure(table, sample, step=s), steps))
     if not final.is_empty() and final["group"].str.contains("@").any():
         for kind in groups:
             if final["group"].str.starts_with(f"{kind}@").any():

@@ -1,4 +1,4 @@
-"""MoE routing pathways (SPEC.md section 1; Li, Fan & Zhou, arXiv 2506.21551).
+"""MoE routing pathways (docs/probes.md, "Routing pathways"; Li, Fan & Zhou, arXiv 2506.21551).
 
 A sample's *pathway* is, at every MoE layer, the shortest descending-weight prefix of experts whose
 cumulative routing weight exceeds ``tau``. Two pathways are compared by Levenshtein distance, over their text
@@ -20,8 +20,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from rapidfuzz import process
+from rapidfuzz.distance import Levenshtein
 
+from workbench.checks import is_number
 from workbench.errors import InputError, NumericalError
+from workbench.stats import correlation
 
 UNITS = ("char", "expert")
 _COMMA, _DASH = ord(","), ord("-")
@@ -139,7 +143,7 @@ def check_routing_weights(weights: torch.Tensor, atol: float = 1e-3) -> None:
 
 
 def check_tau(tau: float) -> None:
-    if not (isinstance(tau, (int, float)) and 0 < tau <= 1):
+    if not (is_number(tau) and 0 < tau <= 1):
         raise InputError(f"tau must be in (0, 1], got {tau!r}; the study used 0.5 to 0.8 (default 0.7)")
 
 
@@ -289,8 +293,6 @@ def _as_pathways(paths) -> Pathways:
 
 def edit_distance(a, b, unit: str = "char") -> int:
     """Levenshtein distance (unit costs) between two pathways, given as nested lists or text forms."""
-    from rapidfuzz.distance import Levenshtein
-
     check_unit(unit)
     p = _as_pathways([a, b])
     sa, sb = _strings(p, unit)
@@ -418,9 +420,6 @@ def _workers(n_pairs: int) -> int:
 
 
 def _rapidfuzz_distances(strings: list[str], pairs, chunk: int = 1 << 15) -> torch.Tensor:
-    from rapidfuzz import process
-    from rapidfuzz.distance import Levenshtein
-
     if pairs is None:
         # Identical pathways are common (routing collapses as a model trains): compute each distinct one once.
         uniq, inverse = np.unique(np.asarray(strings, dtype=object), return_inverse=True)
@@ -644,7 +643,7 @@ def match_groups(a, b) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     ``linear_sum_assignment``). Returns the index into ``a``, the index into ``b`` and the similarity of each
     of the min(Ga, Gb) pairs, in the order of ``a``.
     """
-    from scipy.optimize import linear_sum_assignment
+    from scipy.optimize import linear_sum_assignment  # about a second to import: only when groups are matched
 
     a = torch.as_tensor(a, dtype=torch.float64).cpu()
     b = torch.as_tensor(b, dtype=torch.float64).cpu()
@@ -670,22 +669,7 @@ def match_groups(a, b) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 def track_correlation(metric, accuracy, method: str = "pearson") -> float:
     """Correlation across checkpoints of a metric with accuracy (Pearson or Spearman); pairs with a NaN are
     left out. NaN when either series is constant."""
-    from scipy import stats
-
-    if method not in ("pearson", "spearman"):
-        raise InputError(f"method must be 'pearson' or 'spearman', not {method!r}")
-    x = np.asarray(metric, dtype=np.float64).ravel()
-    y = np.asarray(accuracy, dtype=np.float64).ravel()
-    if x.shape != y.shape:
-        raise InputError(f"metric and accuracy need one value per checkpoint each; got {x.size} and {y.size}")
-    keep = np.isfinite(x) & np.isfinite(y)
-    if keep.sum() < 3:
-        raise InputError(f"a correlation needs at least 3 checkpoints with both values, got {int(keep.sum())}")
-    x, y = x[keep], y[keep]
-    if np.ptp(x) == 0 or np.ptp(y) == 0:
-        return math.nan
-    fn = stats.pearsonr if method == "pearson" else stats.spearmanr
-    return float(fn(x, y)[0])
+    return correlation(np.ravel(metric), np.ravel(accuracy), method)[0]
 
 
 __all__ = [

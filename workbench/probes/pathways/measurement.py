@@ -20,6 +20,7 @@ column ``test_group``; see ``RoutingPathways._matched``).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import polars as pl
@@ -27,21 +28,30 @@ import torch
 from tqdm.auto import tqdm
 
 from workbench.capture import Capture, CaptureSpec
-from workbench.errors import InputError, NotMoEError
-from workbench.measure import Measurement, StepContext
+from workbench.errors import InputError, NotMoEError, UnknownArchitectureError
+from workbench.figures import Section
+from workbench.measure import Measurement, StepContext, setting
+from workbench.probes.pathways import figures
 from workbench.probes.pathways import functions as P
+from workbench.runs import Run
+from workbench.samples import per_group
 from workbench.store import Store
 
 SAMPLE_METRICS = ("loss", "accuracy", "consistency", "consistency_raw")
 TRACKED = ("distance", "consistency", "consistency_raw", "consistency_median", "consistency_raw_median")
 
 
+@dataclass(frozen=True)
 class RoutingPathways(Measurement):
-    """Pathway distance, consistency and memorized-at / generalized-at groups (SPEC.md section 1).
+    """Pathway distance, consistency and memorized-at / generalized-at groups (docs/probes.md, "Routing
+    pathways"; Li, Fan & Zhou, arXiv 2506.21551).
 
     tau: cumulative routing weight a layer's pathway must exceed (study: 0.7; also 0.5, 0.6, 0.8).
     unit: ``"char"`` (text form, the study's magnitudes) or ``"expert"`` ((layer, expert) symbols).
-    routing_weights: ``"softmax"`` (all experts, SPEC default) or ``"topk"`` (after top-k renormalization).
+    routing_weights: ``"scores"`` (default: the model's own scores of all experts as a distribution, the SPEC's
+        router softmax for softmax routers, the sigmoid scores normalized to sum 1 for sigmoid routers),
+        ``"topk"`` (the weights the model applies to its selected experts, normalized per token to sum 1), or
+        ``"softmax"`` (``"scores"``, for softmax routers only).
     max_pairs, seed: a group with more pairs is averaged over this many pairs drawn with ``seed``, the same
         pairs at every checkpoint. normalize: divide each distance by the longer pathway's length.
     per_sample: keep per-sample rows (needed for the memorized-at groups).
@@ -58,45 +68,38 @@ class RoutingPathways(Measurement):
     """
 
     name = "pathways"
+    view = "widgets.pathways:PathwayView"
+    in_demo = True
+    section_order = 40
 
-    def __init__(
-        self,
-        tau: float = 0.7,
-        unit: str = "char",
-        routing_weights: str = "softmax",
-        max_pairs: int | None = 200_000,
-        seed: int = 0,
-        normalize: bool = False,
-        per_sample: bool = True,
-        test_groups: tuple[str, ...] = ("test",),
-        eps: float | None = None,
-        eps_target: tuple[float, float] = (0.20, 0.25),
-        delta: float = 0.05,
-        accuracy_threshold: float = 0.8,
-        max_errors: int = 1,
-        accuracy_group: str = "test",
-        min_group: int = 2,
-        backend: str = "auto",
-    ):
-        P.check_tau(tau)
-        P.check_unit(unit)
-        CaptureSpec(routing_weights=routing_weights)  # validates the choice
-        if min_group < 2:
+    tau: float = 0.7
+    unit: str = "char"
+    routing_weights: str = "scores"
+    max_pairs: int | None = 200_000
+    seed: int = 0
+    normalize: bool = False
+    per_sample: bool = True
+    test_groups: tuple[str, ...] = ("test",)
+    eps: float | None = None
+    eps_target: tuple[float, float] = (0.20, 0.25)
+    delta: float = 0.05
+    accuracy_threshold: float = 0.8
+    max_errors: int = 1
+    accuracy_group: str = "test"
+    min_group: int = 2
+    backend: str = setting("auto")  # rapidfuzz or the torch dynamic program: the same integers
+
+    def __post_init__(self) -> None:
+        P.check_tau(self.tau)
+        P.check_unit(self.unit)
+        CaptureSpec(routing_weights=self.routing_weights)  # validates the choice
+        if self.min_group < 2:
             raise InputError("min_group must be at least 2: a distance needs a pair")
-        self.tau, self.unit, self.routing_weights = tau, unit, routing_weights
-        self.max_pairs, self.seed, self.normalize, self.per_sample = max_pairs, seed, normalize, per_sample
-        self.test_groups = tuple(test_groups)
-        self.eps, self.eps_target, self.delta = eps, tuple(eps_target), delta
-        self.accuracy_threshold, self.max_errors = accuracy_threshold, max_errors
-        self.accuracy_group, self.min_group, self.backend = accuracy_group, min_group, backend
+        object.__setattr__(self, "test_groups", tuple(self.test_groups))  # frozen: lists become tuples
+        object.__setattr__(self, "eps_target", tuple(self.eps_target))
 
     def spec(self) -> CaptureSpec:
         return CaptureSpec(routing=True, routing_weights=self.routing_weights)
-
-    def options(self) -> dict:
-        keys = ("tau", "unit", "routing_weights", "max_pairs", "seed", "normalize", "per_sample", "test_groups",
-                "eps", "eps_target", "delta", "accuracy_threshold", "max_errors", "accuracy_group", "min_group")
-        return {k: getattr(self, k) for k in keys}
 
     # --- one checkpoint ----------------------------------------------------------------------------------------
     def _group_rows(self, paths: P.Pathways, idx: torch.Tensor, moe_layers: list[int], texts: list[str]) -> list[dict]:
@@ -114,6 +117,9 @@ class RoutingPathways(Measurement):
     def measure(self, cap: Capture, ctx: StepContext) -> pl.DataFrame:
         if cap.routing is None or cap.routing.shape[1] == 0:
             raise NotMoEError("the capture holds no routing; the pathways measurement needs an MoE model")
+        if cap.router_matrices is None and cap.routing.shape[1] >= 2:
+            raise UnknownArchitectureError(f"pathway consistency needs each layer's router matrix: "
+                                           f"{cap.no_router_matrices}")
         paths = P.pathways(cap.routing, self.tau)
         texts = paths.texts()
         n_layers = cap.routing.shape[1]
@@ -123,16 +129,15 @@ class RoutingPathways(Measurement):
             nan = torch.full((len(cap),), math.nan)
             cons = {"consistency": nan, "consistency_raw": nan}
         per_sample = {"loss": cap.loss, "accuracy": cap.accuracy, **cons}
-        groups = list(dict.fromkeys(cap.groups))
-        small = [g for g in groups if len(cap.group_indices(g)) < 2]
+        groups = per_group(cap.groups)
+        small = [g for g, idx in groups if len(idx) < 2]
         if small:
             raise InputError(
                 f"group(s) {small} have fewer than 2 samples, so they have no pair to measure a pathway distance "
                 "on; give each group at least 2 samples or merge them"
             )
         rows = []
-        for g in groups + ["all"]:
-            idx = cap.group_indices(g) if g != "all" else torch.arange(len(cap))
+        for g, idx in groups:
             for r in self._group_rows(paths, idx, cap.moe_layers, texts):
                 rows.append({"group": g, **r})
             for metric, v in per_sample.items():
@@ -156,8 +161,8 @@ class RoutingPathways(Measurement):
         return pl.concat(parts, how="diagonal_relaxed")
 
     # --- across checkpoints ----------------------------------------------------------------------------------
-    def finalize(self, store: Store, run) -> pl.DataFrame | None:
-        tab = store.table(self.name, final=False)
+    def finalize(self, store: Store, run: Run) -> pl.DataFrame | None:
+        tab = self.table(store)
         if tab.is_empty():
             return None
         steps = sorted(tab["step"].unique().to_list())
@@ -270,7 +275,7 @@ class RoutingPathways(Measurement):
             rows += [{"step": s, "metric": "distance", "layer": layer, "value": v} for layer, v in zip(layers, per_layer)]
         for m, d in cons.items():
             v = pl.col("value").fill_nan(None)
-            agg = (d.filter(pl.col("sample_id").is_in(member_set)).group_by("step")
+            agg = (d.filter(pl.col("sample_id").is_in(member_set)).group_by("step", maintain_order=True)
                    .agg(v.mean().alias("mean"), v.median().alias("median")))
             for s, mean, median in agg.iter_rows():
                 rows.append({"step": s, "metric": m, "value": mean})
@@ -280,6 +285,12 @@ class RoutingPathways(Measurement):
         df = pl.DataFrame(rows, schema={"step": pl.Int64, "metric": pl.String, "layer": pl.Int32,
                                         "value": pl.Float64})
         return df.with_columns(group=pl.lit(name), since=pl.lit(since, dtype=pl.Int64))
+
+    @classmethod
+    def section(cls, store: Store, run: Run | None = None) -> Section | None:
+        if not cls.measured(store):
+            return None
+        return figures.report_section(cls.table(store), cls.table(store, final=True), store.options(cls.name) or {})
 
 
 def correlation_rows(means: pl.DataFrame, group: str, acc: np.ndarray, steps: list[int], keys: dict) -> list[dict]:
