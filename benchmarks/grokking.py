@@ -1,19 +1,19 @@
 """The built-in grokking run: what one training step costs, and whether the recipe groks over seeds and threads.
 
 1. Step cost: one full-batch training step (forward, backward, clipping, AdamW) of the built-in model against
-   a dense reference implementation of the same model (every expert applied to every token and masked by the
-   gate, ``F.scaled_dot_product_attention``), side by side in one process, same weights, same batch, same
-   thread count. Checks first that the two give the same loss and gradients (float64), then reports the median
-   and spread over repeats of process CPU time per step (``time.process_time()``: wall time on a shared
-   machine depends on the other processes; CPU time less so).
-2. Robustness: trains :data:`workbench.toys.DEMO` with each seed and thread count (another seed gives another
-   data split and initialization; another thread count other rounding, as another CPU does) and prints where
-   each run memorized (train accuracy >= 0.99, with its test accuracy then) and generalized (test accuracy
-   >= 0.95), the share of the run left after that (the recipe asks at least 1/3), the lowest test accuracy
-   after it, and the process CPU time per step (checkpoints included). Exits with status 1 if a run does not grok that way.
-   About 10 trainings of a minute or two each: ``--seeds 0 --threads 1`` for one.
+   a dense reference implementation of the same model (every expert applied to every token and weighted by
+   the mostly-zero gates, ``F.scaled_dot_product_attention``), same weights, same batch, same thread budget,
+   in interleaved rounds (``_timing``: median of paired ratios with quartiles). Checks first that the two give
+   the same loss and gradients (float64).
+2. Robustness (``--robustness``, about 1.5 minutes per run on a quiet core): trains :data:`workbench.toys.DEMO`
+   with each seed and training thread count (another seed gives another data split and initialization;
+   another thread count other rounding, as another CPU does) and prints where each run memorized (train
+   accuracy >= 0.99, with its test accuracy then) and generalized (test accuracy >= 0.95) at its checkpoints,
+   the share of the run left after that (the recipe promises at least 1/3), the lowest test accuracy after
+   it, and the process CPU time per step (checkpoints included). Exits with status 1 if a run does not grok
+   that way.
 
-    python benchmarks/grokking.py [--seeds 0 1 2 3 4] [--threads 1 2] [--repeats 7] [--skip-training]
+    python benchmarks/grokking.py [--threads N] [--tiny] [--robustness [--seeds 0 1 2 3 4] [--train-threads 1 2]]
 """
 
 from __future__ import annotations
@@ -25,9 +25,7 @@ import os
 # It changes no result, only what waiting costs. Set before torch loads its OpenMP runtime.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import argparse  # noqa: E402
 import json  # noqa: E402
-import statistics  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -37,9 +35,9 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+import _timing  # noqa: E402
 from workbench import toys  # noqa: E402
 from workbench.models.toy import Attention, Experts, ToyMoETransformer  # noqa: E402
-from workbench.toys.cache import pinned_threads  # noqa: E402
 from workbench.toys.train import _batch, adamw, grokking_phases, train_modular  # noqa: E402
 
 
@@ -67,8 +65,8 @@ def use(name: str) -> None:
     Experts.forward, Attention.forward = IMPLEMENTATIONS[name]
 
 
-def step_cost(repeats: int, steps: int = 10) -> None:
-    cfg = toys.DEMO
+def step_cost(threads: int, limits: dict, tiny: bool) -> None:
+    cfg = toys.DEMO if not tiny else replace(toys.DEMO, p=11, d_model=16, d_expert=16, n_layers=2)
     samples = toys.modular_addition(cfg.p, cfg.train_fraction, seed=cfg.seed)
     x, y = _batch(samples, "train")
 
@@ -82,42 +80,35 @@ def step_cost(repeats: int, steps: int = 10) -> None:
         loss = F.cross_entropy(model(x).logits[:, -1], y)
         loss.backward()
         grads[name] = [loss.detach()] + [p.grad.clone() for p in model.parameters()]
+    use("built-in")
     worst = max((a - b).abs().max().item() for a, b in zip(*grads.values()))
-    print(f"largest difference in loss and gradients (float64): {worst:.1e}")
+    print(f"   largest difference in loss and gradients (float64): {worst:.1e}")
     if worst > 1e-10:
         sys.exit("the two implementations disagree")
 
-    runs = {}
-    for name in IMPLEMENTATIONS:
+    def side(name: str):
         torch.manual_seed(0)
         model = ToyMoETransformer(cfg.model_config())
-        runs[name] = (model, adamw(model, cfg.lr, cfg.weight_decay, cfg.betas, foreach=True))
-    seconds = {name: [] for name in IMPLEMENTATIONS}
-    with pinned_threads(1):
-        for r in range(repeats + 1):  # the first round warms up
-            for name, (model, opt) in runs.items():
-                use(name)
-                start = time.process_time()
-                for _ in range(steps):
-                    loss = F.cross_entropy(model(x).logits[:, -1], y)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                    opt.step()
-                if r:
-                    seconds[name].append((time.process_time() - start) / steps)
+        opt = adamw(model, cfg.lr, cfg.weight_decay, cfg.betas, foreach=True)
+
+        def step():
+            use(name)
+            loss = F.cross_entropy(model(x).logits[:, -1], y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+        return step
+
+    _timing.set_thread_budget(threads)
+    print(f"   {len(y)} pairs, {cfg.n_layers} layers of {cfg.n_experts} experts (top-{cfg.top_k}, width {cfg.d_expert})")
+    cmp = _timing.side_by_side({name: side(name) for name in IMPLEMENTATIONS}, "dense reference", **limits)
     use("built-in")
-    print(f"one training step, {len(y)} pairs, 1 thread, process CPU time over {repeats} x {steps} steps:")
-    for name, s in seconds.items():
-        print(f"  {name:16s} median {1000 * statistics.median(s):6.1f} ms  (min {1000 * min(s):.1f}, "
-              f"max {1000 * max(s):.1f})")
-    ratio = [a / b for a, b in zip(seconds["built-in"], seconds["dense reference"])]
-    print(f"  ratio built-in / dense reference: median {statistics.median(ratio):.2f} "
-          f"(min {min(ratio):.2f}, max {max(ratio):.2f})")
+    _timing.report("grokking training step, built-in / dense reference", cmp, "built-in", target="<= 1.0")
 
 
 def robustness(seeds: list[int], threads: list[int]) -> bool:
-    print(f"\n{toys.DEMO.steps}-step runs of toys.DEMO (seed 0 is the shipped run's recipe):")
+    print(f"\n== {toys.DEMO.steps}-step runs of toys.DEMO (seed 0 on 1 thread is the demo run)")
     print("seed threads | memorized at (test acc) | generalized at | margin | lowest test after | CPU ms/step | groks")
     ok = True
     with tempfile.TemporaryDirectory() as tmp:
@@ -139,14 +130,15 @@ def robustness(seeds: list[int], threads: list[int]) -> bool:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = _timing.arguments(__doc__.splitlines()[0])
+    ap.add_argument("--robustness", action="store_true", help="also train the recipe over seeds and threads")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--skip-training", action="store_true", help="only the step cost")
+    ap.add_argument("--train-threads", type=int, nargs="+", default=[1, 2])
     args = ap.parse_args()
-    step_cost(args.repeats)
-    if not args.skip_training and not robustness(args.seeds, args.threads):
+    _timing.header("grokking: one training step of the built-in model", args.threads)
+    step_cost(args.threads, _timing.limits(args), args.tiny)
+    _timing.footer()
+    if args.robustness and not robustness(args.seeds, args.train_threads):
         sys.exit(1)
 
 

@@ -172,8 +172,7 @@ def cmd_numbers(args) -> None:
 def cmd_train(args) -> None:
     from workbench import toys
 
-    # Trains here even where the package ships the run (which `demo` installs instead of training).
-    run = toys.ensure_run(quick=args.quick or None, retrain=args.retrain, root=args.out, shipped=False)
+    run = toys.ensure_run(quick=args.quick or None, retrain=args.retrain, root=args.out)
     print(f"run: {run.root}")
 
 
@@ -246,14 +245,14 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 
-    d = sub.add_parser("demo", help="install (or train) the built-in run if needed, measure it, write report.html")
+    d = sub.add_parser("demo", help="train the built-in run if needed, measure it, write report.html")
     d.add_argument("--quick", action="store_true", help="the short test run instead of the full one")
     d.add_argument("--retrain", action="store_true", help="train and measure again from scratch")
     d.add_argument("--out", help="where to write the report (default: report.html in the run folder)")
     d.add_argument("--device", help="cuda or cpu (default: cuda when present)")
     d.set_defaults(func=cmd_demo)
 
-    t = sub.add_parser("train", help="train the built-in run here (the demo installs the shipped one)")
+    t = sub.add_parser("train", help="train the built-in run")
     t.add_argument("--quick", action="store_true")
     t.add_argument("--retrain", action="store_true")
     t.add_argument("--out", help="folder for the run (default: under $WORKBENCH_HOME/runs)")

@@ -15,13 +15,13 @@ from workbench.models.toy import ToyConfig, ToyMoETransformer
 from workbench.runs import Run
 from workbench.toys.cache import config_folder, ensure_trained, home, pinned_threads, quick_from_env
 from workbench.toys.modular import modular_addition
-from workbench.toys.shipped import install, is_shipped_copy, shipped_folder
 from workbench.toys.train import GrokConfig, checkpoint_steps, train_modular
 
 #: The run ``make demo`` trains (settings and what they gave are in the README).
 DEMO = GrokConfig()
-#: A short run for tests and quick notebook execution: same task and model shape, fewer steps.
-QUICK = replace(DEMO, steps=600, n_checkpoints=12, name="modular-moe-quick")
+#: A short run for tests and quick notebook execution: the demo run's first 600 steps (the same warmup and
+#: constant rate, so the same trajectory), which memorize and take test accuracy part of the way up.
+QUICK = replace(DEMO, steps=600, schedule="constant", hold=0, n_checkpoints=12, name="modular-moe-quick")
 
 
 def run_folder(cfg: GrokConfig, root: str | os.PathLike | None = None) -> Path:
@@ -34,28 +34,16 @@ def ensure_run(
     quick: bool | None = None,
     root: str | os.PathLike | None = None,
     retrain: bool = False,
-    shipped: bool = True,
     progress: bool = True,
 ):
-    """The built-in run as a :class:`workbench.Run`, installed or trained first if needed.
+    """The built-in run as a :class:`workbench.Run`, trained first if needed.
 
-    ``quick`` (default: the environment variable ``WORKBENCH_QUICK`` is set to 1) picks :data:`QUICK`. When
-    the package ships the run (:data:`DEMO` does, see :mod:`workbench.toys.shipped`) it is installed instead of
-    trained, so every machine shows the same run; ``shipped=False`` trains it here (replacing an installed
-    copy), and ``retrain=True`` trains it again whatever the folder holds.
+    ``quick`` (default: the environment variable ``WORKBENCH_QUICK`` is set to 1) picks :data:`QUICK`.
     """
     if config is None:
         config = QUICK if quick_from_env(quick) else DEMO
     folder = config_folder(config, root)
-    source = shipped_folder(config) if shipped and not retrain else None
-
-    def build():
-        if source is not None:
-            install(source, folder)
-        else:
-            train_modular(config, folder, progress=progress)
-
-    ensure_trained(folder, build, retrain, stale=None if shipped else is_shipped_copy)
+    ensure_trained(folder, lambda: train_modular(config, folder, progress=progress), retrain)
     return Run.from_folder(folder)
 
 

@@ -14,6 +14,7 @@ import fcntl
 import hashlib
 import json
 import os
+import platform
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -61,12 +62,22 @@ def pinned_threads(n: int = TRAINING_THREADS) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def ensure_trained(folder: Path, train: Callable[[], object], retrain: bool = False,
-                   stale: Callable[[Path], bool] | None = None) -> Path:
-    """Run ``train()`` to fill ``folder`` unless it holds a finished run already (or ``retrain``, or
-    ``stale(folder)`` says the run there will not do), under the folder's lock, so that concurrent callers
-    train once."""
+def ensure_trained(folder: Path, train: Callable[[], object], retrain: bool = False) -> Path:
+    """Run ``train()`` to fill ``folder`` unless it holds a finished run already (or ``retrain``), under the
+    folder's lock, so that concurrent callers train once."""
     with locked(folder):
-        if retrain or not (folder / "run.json").exists() or (stale is not None and stale(folder)):
+        if retrain or not (folder / "run.json").exists():
             train()
     return folder
+
+
+def machine() -> str:
+    """What a run's bits depend on besides its settings and thread count: the processor, the CPU kernels torch
+    picked for it, and torch's version (recorded in each built-in run's run.json)."""
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+    except OSError:
+        pass
+    return f"{name}, {torch.backends.cpu.get_cpu_capability()}, torch {torch.__version__}"

@@ -129,6 +129,8 @@ def _basic_numbers(run, ph: dict) -> dict[str, Number]:
     seconds = (run.info or {}).get("seconds") if run is not None else None
     if seconds is not None:  # machine-dependent: quoted with the machine, never checked
         out["train_seconds"] = _num(round(seconds), ".0f")
+    if run is not None and (run.info or {}).get("machine"):  # where the run was trained (its bits depend on it)
+        out["train_machine"] = _text(run.info["machine"])
     return out
 
 
@@ -281,7 +283,7 @@ def grokking_numbers(run, store=None) -> dict[str, Number]:
 
 
 #: Numbers that depend on the machine (quoted with the machine's description; :func:`check` skips them).
-MACHINE_DEPENDENT = frozenset({"train_seconds"})
+MACHINE_DEPENDENT = frozenset({"train_seconds", "train_machine"})
 
 
 # --- several runs --------------------------------------------------------------------------------------------------
