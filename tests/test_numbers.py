@@ -7,6 +7,7 @@ import pytest
 from tests.conftest import REPO
 from workbench import LossAccuracy, Run, measure
 from workbench.errors import InputError
+from workbench.toys.cache import machine
 from workbench.toys import numbers as N
 
 TEXT = """Memorized at step <!--n:mem_step-->1<!--/n-->, test <!--n:acc-->0.5<!--/n-->.
@@ -58,6 +59,8 @@ def test_phases_follow_the_recorded_history(tiny_run, tmp_path):
     assert ph["mem"] == first_mem and ph["last"] == run.steps[-1]
     nums = N.grokking_numbers(run)
     assert nums["checkpoints"].value == len(run.steps) and nums["steps"].text == f"{run.steps[-1]:,}"
+    # the machine it was trained on, which the run's bits depend on
+    assert nums["train_machine"].text == run.info["machine"] == machine() and "torch" in run.info["machine"]
 
 
 @pytest.mark.slow

@@ -283,7 +283,7 @@ def grokking_numbers(run, store=None) -> dict[str, Number]:
 
 
 #: Numbers that depend on the machine (quoted with the machine's description; :func:`check` skips them).
-MACHINE_DEPENDENT = frozenset({"train_seconds", "train_machine"})
+MACHINE_DEPENDENT = frozenset({"train_seconds"})
 
 
 # --- several runs --------------------------------------------------------------------------------------------------
