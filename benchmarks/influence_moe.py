@@ -33,7 +33,7 @@ import _timing  # noqa: E402
 from tests.tiny_models import MOE_KINDS, random_tokens, tiny_config  # noqa: E402
 from workbench.probes.influence import fit_factors, pairwise_scores, resolve_modules  # noqa: E402
 from workbench.probes.influence.lm import LMTask, batches, lm_documents  # noqa: E402
-from workbench.probes.influence.moe import IdleExpertsWarning, lm_modules, mlp_coverage  # noqa: E402
+from workbench.gradients.moe import IdleExpertsWarning, lm_modules, mlp_coverage  # noqa: E402
 from workbench.models.toy import ToyConfig, ToyMoETransformer  # noqa: E402
 
 TASK = LMTask()

@@ -29,7 +29,7 @@ from workbench.probes.influence import (
     top_documents,
     top_share,
 )
-from workbench.probes.influence import tracking
+from workbench.gradients import tracking
 
 TASK = CrossEntropyTask()
 QUIET = dict(progress=False, report=False)

@@ -11,7 +11,7 @@ import torch
 
 from workbench.errors import InputError
 from workbench.probes.influence.findings import same_answer_share
-from workbench.probes.influence.moe import IdleExpertsWarning
+from workbench.gradients.moe import IdleExpertsWarning
 from workbench.probes.influence.measurement import influence_tables
 from workbench.toys.influence import grokking_influence, phase_steps
 from workbench.runs import Run

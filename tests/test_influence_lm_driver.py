@@ -13,7 +13,7 @@ from workbench.errors import InputError
 from workbench.probes.influence import fit_factors, pairwise_scores
 from workbench.probes.influence.findings import correlation_by_type, per_query, score_matrix, summary
 from workbench.probes.influence.lm import LMTask, batches, lm_queries
-from workbench.probes.influence.moe import lm_modules
+from workbench.gradients.moe import lm_modules
 from workbench.probes.influence.measurement import influence_tables, measure_influence
 from workbench.toys.influence import builtin_influence
 from workbench.runs import Checkpoint, Run

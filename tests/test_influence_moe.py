@@ -11,7 +11,7 @@ from workbench.errors import InputError, UnknownArchitectureError
 from workbench.models import adapter_for
 from workbench.probes.influence import fit_factors, pairwise_scores, resolve_modules
 from workbench.probes.influence.lm import LMTask, batches, lm_documents
-from workbench.probes.influence.moe import (
+from workbench.gradients.moe import (
     IdleExpertsWarning,
     TrackedExperts,
     TrackedRouter,
@@ -19,7 +19,7 @@ from workbench.probes.influence.moe import (
     mlp_coverage,
     routed_token_counts,
 )
-from workbench.probes.influence.tracking import Recorder
+from workbench.gradients.tracking import Recorder
 from workbench.models.toy import ToyConfig, ToyMoETransformer
 from tests.tiny_models import DENSE_KINDS, MOE_KINDS, random_tokens, tiny_model
 

@@ -21,7 +21,7 @@ LAYERS = [
     ["workbench.samples", "workbench.store", "workbench.lock", "workbench.stats"],
     ["workbench.models"],
     ["workbench.runs"],
-    ["workbench.capture"],
+    ["workbench.capture", "workbench.gradients"],
     ["workbench.figures"],
     ["workbench.measure"],
     ["workbench.probes"],

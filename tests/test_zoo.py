@@ -214,7 +214,7 @@ def test_measure_stores_one_row_per_key(model_type, tokens, tmp_path):
 def test_influence_tracks_every_expert_layout(model_type):
     from workbench.probes.influence import fit_factors, pairwise_scores
     from workbench.probes.influence.lm import LMTask, batches, lm_documents
-    from workbench.probes.influence.moe import lm_modules, mlp_coverage
+    from workbench.gradients.moe import lm_modules, mlp_coverage
 
     model = copy.deepcopy(tiny_moe(model_type)).double()
     if _refused(model):

@@ -27,6 +27,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import torch
 from safetensors import safe_open
@@ -41,6 +42,7 @@ from workbench.errors import (
     UnknownArchitectureError,
     UnsafeCheckpointError,
 )
+from workbench.models import adapter_for
 from workbench.models.toy import ToyConfig, ToyMoETransformer
 from workbench.samples import SampleSet
 from workbench.store import Store
@@ -603,3 +605,40 @@ def _check_same_architecture(folders: Sequence[Path]) -> None:
                 f"checkpoints {seen[0].name} and {f.name} are of different architectures ({diff}); a run is "
                 "one model's checkpoints: split them into separate runs"
             )
+
+
+def spread_steps(steps: Sequence[int], n: int) -> tuple[int, ...]:
+    """At most ``n`` of ``steps``, evenly spread over their order (the first and the last included): the
+    checkpoints a costly measurement measures or lays out when it does not take them all."""
+    if n < 1:
+        raise InputError(f"a subset of checkpoints needs at least 1, not {n}")
+    steps = list(steps)
+    if len(steps) <= n:
+        return tuple(steps)
+    picks = np.unique(np.round(np.linspace(0, len(steps) - 1, n)).astype(int))
+    return tuple(steps[i] for i in picks)
+
+
+def count_blocks(run: Run) -> int:
+    """The number of blocks of a run's model, from its config when it says, else by loading one checkpoint."""
+    n = (run.info.get("model") or {}).get("n_layers")
+    if n:
+        return int(n)
+    first = run.checkpoints[0]
+    if first.kind in ("hf", "hub"):
+        try:
+            # transformers takes seconds to import: only for runs of its checkpoints
+            from transformers import AutoConfig
+
+            cfg = AutoConfig.from_pretrained(first.source, revision=first.revision)
+            n = getattr(cfg.get_text_config(), "num_hidden_layers", None)
+            if n:
+                return int(n)
+        except (OSError, ValueError):
+            pass  # fall back to loading the model
+    model = first.load()
+    try:
+        return len(adapter_for(model).blocks(model))
+    finally:
+        del model
+        release()

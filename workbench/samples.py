@@ -83,6 +83,15 @@ def per_group(groups: Sequence[str]) -> list[tuple[str, torch.Tensor]]:
     return rows + [(OVERALL, torch.arange(len(groups)))]
 
 
+def answer_tokens(targets: Sequence[Sequence[int]]) -> torch.Tensor:
+    """The last scored target of each sample (-1 where nothing is scored)."""
+    out = []
+    for t in targets:
+        scored = [v for v in t if v != IGNORE]
+        out.append(scored[-1] if scored else -1)
+    return torch.tensor(out, dtype=torch.long)
+
+
 def split_group(group: str) -> tuple[str, str]:
     """``"task:split"`` → (task, split); a group without ':' is split ``group`` of task :data:`OVERALL`."""
     task, sep, split = group.rpartition(":")

@@ -28,9 +28,9 @@ from workbench.probes.influence.fit import fit_factors
 from workbench.probes.influence.measurement import Influence, influence_tables, measure_influence
 from workbench.probes.influence.precondition import Preconditioner
 from workbench.probes.influence.scores import pairwise_scores, self_scores
-from workbench.probes.influence.tasks import CrossEntropyTask, sample_labels
+from workbench.gradients.tasks import CrossEntropyTask, sample_labels
 from workbench.probes.influence.tracin import tracin_scores
-from workbench.probes.influence.tracking import (
+from workbench.gradients.tracking import (
     Block,
     Recorder,
     Rows,

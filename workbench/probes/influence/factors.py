@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from workbench.errors import InputError, NumericalError
-from workbench.probes.influence.tracking import TrackingReport
+from workbench.gradients.tracking import TrackingReport
 
 STRATEGIES = ("identity", "diagonal", "kfac", "ekfac")
 FISHERS = ("true", "empirical")

@@ -22,8 +22,8 @@ from workbench.probes.influence import distributed
 from workbench.probes.influence.factors import FISHERS, STRATEGIES, Factors, check_finite, eigen
 from workbench.probes.influence.passes import compute_dtype, evaluating, model_device, run_pass
 from workbench.probes.influence.precondition import rotate
-from workbench.probes.influence.tasks import accepts_sample
-from workbench.probes.influence.tracking import Block, Rows, TrackedModule, resolve_modules, tracking_report, units
+from workbench.gradients.tasks import accepts_sample
+from workbench.gradients.tracking import Block, Rows, TrackedModule, resolve_modules, tracking_report, units
 
 #: Elements of one chunk of per-example [out, in] matrices (bounds memory; 2**25 floats = 128 MiB).
 CHUNK_ELEMENTS = 2**25

@@ -32,7 +32,7 @@ from torch import nn
 
 from workbench.capture import model_positions
 from workbench.errors import InputError
-from workbench.probes.influence.tasks import sample_labels
+from workbench.gradients.tasks import sample_labels
 from workbench.samples import IGNORE, SampleSet
 
 

@@ -49,9 +49,9 @@ from workbench.probes.influence.lm import (
     model_context,
     model_vocab_size,
 )
-from workbench.probes.influence.moe import lm_modules
+from workbench.gradients.moe import lm_modules
 from workbench.probes.influence.scores import pairwise_scores
-from workbench.probes.influence.tracking import resolve_modules
+from workbench.gradients.tracking import resolve_modules
 from workbench.runs import Run
 from workbench.samples import IGNORE, SampleSet
 from workbench.store import Store, write_json_atomic, write_parquet_atomic

@@ -18,8 +18,8 @@ from tqdm.auto import tqdm
 
 from workbench.errors import InputError
 from workbench.probes.influence import distributed
-from workbench.probes.influence.tasks import batch_seed, call_scalar, seeded, to_device
-from workbench.probes.influence.tracking import Recorder, Rows, TrackedModule
+from workbench.gradients.tasks import batch_seed, call_scalar, seeded, to_device
+from workbench.gradients.tracking import Recorder, Rows, TrackedModule
 
 
 def model_device(model: nn.Module) -> torch.device:

@@ -13,7 +13,7 @@ import torch
 
 from workbench.errors import InputError, NumericalError
 from workbench.probes.influence.factors import Factors, curvature, damping_for
-from workbench.probes.influence.tracking import Rows, StackedRows
+from workbench.gradients.tracking import Rows, StackedRows
 
 
 def _times(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -31,7 +31,7 @@ def rotate(r: Rows | StackedRows, q_s: torch.Tensor, q_a: torch.Tensor, ordered:
     With ``T`` rows per example, ``Q_Sᵀ G_n Q_A = (S_n Q_S)ᵀ (A_n Q_A)``: rotating the rows first costs
     ``T (in² + out²)`` per example against ``out · in · (out + in)`` for rotating ``G_n`` (an einsum path
     search would not find this, as ``G_n`` is a sum over rows). For a stack, ``r`` is its
-    :class:`~workbench.probes.influence.tracking.StackedRows` and ``q_s``, ``q_a`` the members' bases [G, d, d];
+    :class:`~workbench.gradients.tracking.StackedRows` and ``q_s``, ``q_a`` the members' bases [G, d, d];
     the result is [G, B, out, in], with the examples in an unspecified order unless ``ordered``.
     """
     i, o = q_a.shape[-1], q_s.shape[-1]

@@ -23,7 +23,7 @@ from workbench.probes.influence import distributed
 from workbench.probes.influence.factors import Factors
 from workbench.probes.influence.passes import compute_dtype, evaluating, model_device, run_pass
 from workbench.probes.influence.precondition import Preconditioner
-from workbench.probes.influence.tracking import Rows, StackedRows, TrackedModule, resolve_modules, units
+from workbench.gradients.tracking import Rows, StackedRows, TrackedModule, resolve_modules, units
 
 #: Elements of one chunk of intermediate [queries, examples, tokens, ...] tensors (bounds memory).
 CHUNK_ELEMENTS = 2**25

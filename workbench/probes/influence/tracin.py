@@ -19,7 +19,7 @@ from workbench.errors import InputError
 from workbench.probes.influence import distributed
 from workbench.probes.influence.fit import fit_factors
 from workbench.probes.influence.scores import pairwise_scores
-from workbench.probes.influence.tracking import TrackedModule
+from workbench.gradients.tracking import TrackedModule
 from workbench.runs import Run
 
 

@@ -17,7 +17,6 @@ type is the input token at ``control_position``, by default the one before the l
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import polars as pl
@@ -29,44 +28,9 @@ from workbench.figures import Section
 from workbench.measure import Measurement, StepContext, setting
 from workbench.probes.linear import figures
 from workbench.probes.linear.functions import fit_probes
-from workbench.models import adapter_for
-from workbench.runs import Run, release
-from workbench.samples import IGNORE, split_group
+from workbench.runs import Run, count_blocks
+from workbench.samples import answer_tokens, split_group
 from workbench.store import Store
-
-
-def count_blocks(run: Run) -> int:
-    """The number of blocks of a run's model, from its config when it says, else by loading one checkpoint."""
-    n = (run.info.get("model") or {}).get("n_layers")
-    if n:
-        return int(n)
-    first = run.checkpoints[0]
-    if first.kind in ("hf", "hub"):
-        try:
-            # transformers takes seconds to import: only for runs of its checkpoints
-            from transformers import AutoConfig
-
-            cfg = AutoConfig.from_pretrained(first.source, revision=first.revision)
-            n = getattr(cfg.get_text_config(), "num_hidden_layers", None)
-            if n:
-                return int(n)
-        except (OSError, ValueError):
-            pass  # fall back to loading the model
-    model = first.load()
-    try:
-        return len(adapter_for(model).blocks(model))
-    finally:
-        del model
-        release()
-
-
-def answer_tokens(targets: Sequence[Sequence[int]]) -> torch.Tensor:
-    """The last scored target of each sample (-1 where nothing is scored)."""
-    out = []
-    for t in targets:
-        scored = [v for v in t if v != IGNORE]
-        out.append(scored[-1] if scored else -1)
-    return torch.tensor(out, dtype=torch.long)
 
 
 @dataclass(frozen=True)

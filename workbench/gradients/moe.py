@@ -40,9 +40,8 @@ from workbench.errors import InputError, UnknownArchitectureError
 from workbench.models import adapter_for
 from workbench.models.adapters import attribute_at, join_path
 from workbench.models.experts import ExpertLayout, ExpertMatrix, expert_layout
-from workbench.probes.influence.lm import LMTask
-from workbench.probes.influence.tasks import to_device
-from workbench.probes.influence.tracking import Block, Recorder, TrackedLinear, TrackedModule
+from workbench.gradients.tasks import CrossEntropyTask, to_device
+from workbench.gradients.tracking import Block, Recorder, TrackedLinear, TrackedModule
 
 
 class _BatchShape:
@@ -455,6 +454,16 @@ def _slots(layout: ExpertLayout, n_experts: int, args: tuple, kwargs: dict) -> t
     return token, expert
 
 
+def _lm_logits(model: nn.Module, batch: dict) -> torch.Tensor:
+    """A causal LM's logits on a batch of ``input_ids``, ``attention_mask`` and ``targets`` (the LM batches)."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    return getattr(out, "logits", out)
+
+
+def _attention_mask(batch: dict) -> torch.Tensor:
+    return batch["attention_mask"]
+
+
 @torch.no_grad()
 def routed_token_counts(model: nn.Module, documents, *, loss_fn: Callable | None = None,
                         mask_fn: Callable | None = None, reaching_loss: bool = True) -> dict[int, torch.Tensor]:
@@ -469,7 +478,7 @@ def routed_token_counts(model: nn.Module, documents, *, loss_fn: Callable | None
     gradients, every unpadded routed token counts.
     """
     if loss_fn is None:
-        loss_fn, mask_fn = LMTask().loss, (LMTask.mask if mask_fn is None else mask_fn)
+        loss_fn, mask_fn = CrossEntropyTask(forward=_lm_logits).loss, (_attention_mask if mask_fn is None else mask_fn)
     counts: dict[int, torch.Tensor] = {}
     routed: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     outputs: dict[int, torch.Tensor] = {}
