@@ -7,6 +7,7 @@ import pytest
 from tests.conftest import REPO
 from workbench import LossAccuracy, Run, measure
 from workbench.errors import InputError
+from workbench.toys.cache import machine
 from workbench.toys import numbers as N
 
 TEXT = """Memorized at step <!--n:mem_step-->1<!--/n-->, test <!--n:acc-->0.5<!--/n-->.
@@ -58,17 +59,25 @@ def test_phases_follow_the_recorded_history(tiny_run, tmp_path):
     assert ph["mem"] == first_mem and ph["last"] == run.steps[-1]
     nums = N.grokking_numbers(run)
     assert nums["checkpoints"].value == len(run.steps) and nums["steps"].text == f"{run.steps[-1]:,}"
+    # the machine it was trained on, which the run's bits depend on
+    assert nums["train_machine"].text == run.info["machine"] == machine() and "torch" in run.info["machine"]
 
 
 @pytest.mark.slow
 def test_the_readme_quotes_the_run_the_tests_train():
     """Trains the full built-in run (or reuses it), measures what the demo measures, and compares every
-    number the README quotes about it; `make numbers` rewrites them after a change."""
+    number the README quotes about it; `make numbers` rewrites them after a change. A run trained on another
+    processor or torch build rounds differently, and grokking amplifies that (the README says so and quotes
+    the ranges over seeds and thread counts): there the comparison is skipped, and test_toys checks the phases."""
     from workbench.cli import measured_demo_run
 
     run = measured_demo_run(quick=False)
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     quoted = N.quoted(readme)
     assert len(quoted) >= 40
+    here = N.grokking_numbers(run)["train_machine"].text
+    if " ".join(quoted["train_machine"].split()) != here:
+        pytest.skip(f"the README's numbers come from a run trained on {quoted['train_machine']!r}, this run on "
+                    f"{here!r}: another machine's run differs")
     problems = N.check(readme, N.grokking_numbers(run))
     assert not problems, "README numbers differ from the run's (make numbers rewrites them):\n" + "\n".join(problems)

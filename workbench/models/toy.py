@@ -65,10 +65,12 @@ class TopKRouter(nn.Module):
 
 
 class Experts(nn.Module):
-    """All experts as fused 3-D parameters (as in transformers 5.x), computed densely.
+    """All experts as fused 3-D parameters (as in transformers 5.x), each applied only to its routed tokens.
 
-    At this size a dense einsum over every expert, masked by the gate, is faster on a CPU than gathering the
-    tokens of each expert: the cost here is per-operation overhead, not arithmetic.
+    The (token, expert) slots chosen by the router are packed per expert into one [experts, R, d] batch (R: the
+    most tokens any expert got, zero filler rows after each expert's own) and multiplied in one batched product
+    per matrix: a loop over experts or a dense product over all of them costs several times more at this size
+    (profiled: top-2 of 8 computes a quarter of the dense arithmetic, in 3 products instead of 8 per matrix).
     """
 
     def __init__(self, cfg: ToyConfig):
@@ -79,9 +81,17 @@ class Experts(nn.Module):
 
     def forward(self, hidden: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         # hidden [tokens, d], gates [tokens, experts] (zero outside each token's top-k)
-        act = F.gelu(torch.einsum("td,ehd->teh", hidden, self.up_proj))
-        out = torch.einsum("teh,edh->ted", act, self.down_proj)
-        return torch.einsum("ted,te->td", out, gates)
+        n_experts = gates.shape[1]
+        expert, token = gates.T.nonzero(as_tuple=True)  # expert-major, each expert's tokens in order
+        if expert.numel() == 0:
+            return torch.zeros_like(hidden)
+        counts = torch.bincount(expert, minlength=n_experts)
+        rows = int(counts.max())
+        slot = expert * rows + torch.arange(expert.numel(), device=expert.device) - (counts.cumsum(0) - counts)[expert]
+        packed = hidden.new_zeros(n_experts * rows, hidden.shape[1]).index_copy(0, slot, hidden[token])
+        act = F.gelu(torch.bmm(packed.view(n_experts, rows, -1), self.up_proj.mT))
+        out = torch.bmm(act, self.down_proj.mT).reshape(n_experts * rows, -1)[slot]
+        return torch.zeros_like(hidden).index_add(0, token, out * gates[token, expert, None])
 
 
 class SparseMoeBlock(nn.Module):
@@ -109,8 +119,11 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, d = x.shape
         q, k, v = self.qkv(x).view(b, t, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
-        # Causal attention only: samples are right-padded, so real tokens never attend to padding.
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        # Causal attention only: samples are right-padded, so real tokens never attend to padding. Written out
+        # rather than F.scaled_dot_product_attention, whose CPU kernel costs several times more on a few tokens.
+        scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+        future = torch.ones(t, t, dtype=torch.bool, device=x.device).triu(1)
+        y = scores.masked_fill(future, float("-inf")).softmax(-1) @ v
         return self.o_proj(y.transpose(1, 2).reshape(b, t, d))
 
 

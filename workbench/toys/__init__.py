@@ -19,8 +19,9 @@ from workbench.toys.train import GrokConfig, checkpoint_steps, train_modular
 
 #: The run ``make demo`` trains (settings and what they gave are in the README).
 DEMO = GrokConfig()
-#: A short run for tests and quick notebook execution: same task and model shape, fewer steps.
-QUICK = replace(DEMO, steps=600, n_checkpoints=12, name="modular-moe-quick")
+#: A short run for tests and quick notebook execution: the demo run's first 600 steps (the same warmup and
+#: constant rate, so the same trajectory): train accuracy comes near 0.99 and test accuracy climbs part of the way.
+QUICK = replace(DEMO, steps=600, schedule="constant", hold=0, n_checkpoints=12, name="modular-moe-quick")
 
 
 def run_folder(cfg: GrokConfig, root: str | os.PathLike | None = None) -> Path:

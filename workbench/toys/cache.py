@@ -3,8 +3,9 @@
 Every built-in run (modular addition, the forgetting study, the language model) lives in
 ``$WORKBENCH_HOME/runs/<name>-<hash of its settings>`` (default ``~/.cache/workbench``), is built behind a file
 lock so that parallel notebooks or test workers build it once, and is trained on one CPU thread: torch's
-reductions give different bits with different thread counts, so pinning the count makes a rerun give the same
-checkpoints on any machine, and a single thread does not collapse when other processes share the cores.
+reductions give different bits with different thread counts, so pinning the count makes a rerun on the same
+machine give the same checkpoints (CPUs with other instruction sets still round differently), and a single
+thread does not collapse when other processes share the cores.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import fcntl
 import hashlib
 import json
 import os
+import platform
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -67,3 +69,15 @@ def ensure_trained(folder: Path, train: Callable[[], object], retrain: bool = Fa
         if retrain or not (folder / "run.json").exists():
             train()
     return folder
+
+
+def machine() -> str:
+    """What a run's bits depend on besides its settings and thread count: the processor, the CPU kernels torch
+    picked for it, and torch's version (recorded in each built-in run's run.json)."""
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+    except OSError:
+        pass
+    return f"{name}, {torch.backends.cpu.get_cpu_capability()}, torch {torch.__version__}"

@@ -131,6 +131,8 @@ def _basic_numbers(run, ph: dict) -> dict[str, Number]:
     seconds = (run.info or {}).get("seconds") if run is not None else None
     if seconds is not None:  # machine-dependent: quoted with the machine, never checked
         out["train_seconds"] = _num(round(seconds), ".0f")
+    if run is not None and (run.info or {}).get("machine"):  # where the run was trained (its bits depend on it)
+        out["train_machine"] = _text(run.info["machine"])
     return out
 
 
