@@ -87,6 +87,15 @@ def step_line(fig: go.Figure, step: int, steps: Sequence[int], log_x: bool, **wh
     fig.add_vline(x=step_x([step], log_x, steps)[0], line=dict(color="black", dash="dot", width=1), **where)
 
 
+def step_marker(fig: go.Figure, steps: Sequence[int], values: Sequence, step: int, log_x: bool,
+                all_steps: Sequence[int], line_color: str, legendgroup: str | None = None, **where) -> None:
+    """A series' point at the chosen checkpoint, as a trace of its own (the same traces at every step, so that a
+    slider moves the data and not only the dotted line; an empty point where the series has no value)."""
+    fig.add_trace(go.Scatter(x=step_x([step], log_x, all_steps), y=[value_at(steps, values, step)], mode="markers",
+                             legendgroup=legendgroup, showlegend=False, hoverinfo="skip",
+                             marker=dict(size=9, color=line_color, line=dict(color="black", width=1))), **where)
+
+
 def value_at(steps: Sequence[int], values: Sequence, step: int):
     """The value at ``step`` of a series (None where the series has no value there, or a NaN)."""
     for s, v in zip(steps, values):

@@ -10,12 +10,8 @@ import polars as pl
 from plotly.subplots import make_subplots
 
 from workbench.errors import InputError
-from workbench.figures import Section, color, named_groups, with_slider
+from workbench.figures import ALL_STEPS, Section, color, named_groups, step_axis, step_line, step_marker, step_x, with_slider
 from workbench.probes.coherence.findings import m_coherence, overall, summary_text
-
-
-def _x(steps: list[int], log_x: bool) -> list[int]:
-    return [max(s, 1) for s in steps] if log_x else steps
 
 
 def sets(table: pl.DataFrame) -> list[tuple[str, str]]:
@@ -37,24 +33,26 @@ def coherence_curves(table: pl.DataFrame, step: int | None = None, log_x: bool =
     fig = make_subplots(rows=1, cols=3, subplot_titles=("m-coherence, every tracked matrix", "m-coherence, blocks only",
                                                         "accuracy (true labels)"),
                         column_widths=[0.36, 0.36, 0.28], horizontal_spacing=0.07)
+    all_steps = sorted(table["step"].unique().to_list())
     for i, (g, labels) in enumerate(sets(table)):
         name = g if labels == "true" else f"{g}, random labels"
-        for col, where in ((1, "all"), (2, "blocks")):
-            d = m_coherence(table, g, labels, where)
-            fig.add_trace(go.Scatter(x=_x(d["step"].to_list(), log_x), y=d["value"].to_numpy(), mode="lines+markers",
-                                     name=name, legendgroup=name, showlegend=col == 1, line=_style(g, labels, i),
-                                     marker=dict(size=4)), row=1, col=col)
+        style = _style(g, labels, i)
+        series = [(col, m_coherence(table, g, labels, where), "lines+markers") for col, where in ((1, "all"), (2, "blocks"))]
         if labels == "true" and g != "all":
-            a = overall(table, "accuracy", g, labels)
-            fig.add_trace(go.Scatter(x=_x(a["step"].to_list(), log_x), y=a["value"].to_numpy(), mode="lines",
-                                     name=name, legendgroup=name, showlegend=False, line=_style(g, labels, i)),
-                          row=1, col=3)
+            series.append((3, overall(table, "accuracy", g, labels), "lines"))
+        for col, d, mode in series:
+            fig.add_trace(go.Scatter(x=step_x(d["step"].to_list(), log_x, all_steps), y=d["value"].to_numpy(), mode=mode,
+                                     name=name, legendgroup=name, showlegend=col == 1, line=style,
+                                     marker=dict(size=4)), row=1, col=col)
+            if step is not None:
+                step_marker(fig, d["step"].to_list(), d["value"].to_list(), step, log_x, all_steps, style["color"],
+                            name, row=1, col=col)
     for col in (1, 2):
         fig.add_hline(y=1, line=dict(color="grey", width=1, dash="dot"), row=1, col=col)  # orthogonal gradients
-    if step is not None:
-        for col in (1, 2, 3):
-            fig.add_vline(x=max(step, 1) if log_x else step, line=dict(color="black", dash="dot", width=1), row=1, col=col)
-    fig.update_xaxes(title_text="step", type="log" if log_x else "linear")
+    for col in (1, 2, 3):
+        if step is not None:
+            step_line(fig, step, all_steps, log_x, row=1, col=col)
+        step_axis(fig, all_steps, log_x, row=1, col=col)
     for col in (1, 2):
         fig.update_yaxes(type="log" if log_y else "linear", row=1, col=col)
     fig.update_yaxes(range=[-0.02, 1.02], row=1, col=3)
@@ -80,7 +78,7 @@ def layer_heatmap(table: pl.DataFrame, group: str = "train", labels: str = "true
     if step is not None and str(step) in [str(s) for s in steps]:
         fig.add_vline(x=steps.index(step), line=dict(color="white", width=2))
     fig.update_layout(height=80 + 40 * len(layers), margin=dict(t=40, b=40, l=70, r=20),
-                      title=dict(text=f"{metric.replace('_', '-')} per block: {group}, {labels} labels", x=0.01),
+                      title=dict(text=f"{metric.replace('_', '-')} per block: {group}, {labels} labels, {ALL_STEPS}", x=0.01),
                       xaxis=dict(title="step", type="category"))
     return fig
 

@@ -10,17 +10,14 @@ import polars as pl
 from plotly.subplots import make_subplots
 
 from workbench.errors import InputError
-from workbench.figures import PALETTE, Section, color, named_groups, nearest_step, with_slider
+from workbench.figures import (ALL_STEPS, PALETTE, Section, color, named_groups, nearest_step, step_axis, step_line, step_marker,
+                               step_x, with_slider)
 from workbench.probes.representations.findings import cyclic_layer, summary_text
 
 #: Colour columns of the layout besides any column of an ``extra`` table.
 COLORS = ("label", "group", "correct", "purity")
 SYMBOLS = ("circle", "x", "diamond", "square", "triangle-up", "cross")
 OTHER = "#c8c8c8"  # samples without a value in a categorical colour column
-
-
-def _x(steps: list[int], log_x: bool) -> list[int]:
-    return [max(s, 1) for s in steps] if log_x else steps
 
 
 def embedding(final: pl.DataFrame, layer: int | None = None) -> pl.DataFrame:
@@ -119,25 +116,32 @@ def purity_curves(table: pl.DataFrame, layer: int | None = None, step: int | Non
     fig = make_subplots(rows=1, cols=len(titles), subplot_titles=titles, horizontal_spacing=0.08)
     groups = named_groups(table["group"].unique(maintain_order=True).to_list())
     panels = [("purity", "purity_chance")] + ([("fourier_frequencies", "fourier_frequencies_shuffled")] if fourier else [])
+    all_steps = sorted(table["step"].unique().to_list())
     for i, g in enumerate(groups):
         c = color(g, i)
         for col, (metric, base) in enumerate(panels, start=1):
             d = _group_means(table, metric, layer).filter(pl.col("group") == g).sort("step")
-            fig.add_trace(go.Scatter(x=_x(d["step"].to_list(), log_x), y=d["value"].to_numpy(), mode="lines+markers",
-                                     name=g, legendgroup=g, showlegend=col == 1, line=dict(color=c),
-                                     marker=dict(size=4)), row=1, col=col)
+            fig.add_trace(go.Scatter(x=step_x(d["step"].to_list(), log_x, all_steps), y=d["value"].to_numpy(),
+                                     mode="lines+markers", name=g, legendgroup=g, showlegend=col == 1,
+                                     line=dict(color=c), marker=dict(size=4)), row=1, col=col)
             b = _group_means(table, base, layer).filter(pl.col("group") == g).sort("step")
-            fig.add_trace(go.Scatter(x=_x(b["step"].to_list(), log_x), y=b["value"].to_numpy(), mode="lines",
-                                     name=f"{g}: chance", legendgroup=g, showlegend=False,
+            fig.add_trace(go.Scatter(x=step_x(b["step"].to_list(), log_x, all_steps), y=b["value"].to_numpy(),
+                                     mode="lines", name=f"{g}: chance", legendgroup=g, showlegend=False,
                                      line=dict(color=c, dash="dot", width=1)), row=1, col=col)
+            if step is not None:
+                step_marker(fig, d["step"].to_list(), d["value"].to_list(), step, log_x, all_steps, c, g, row=1,
+                            col=col)
         a = _group_means(table, "accuracy", None).filter(pl.col("group") == g).sort("step")
-        fig.add_trace(go.Scatter(x=_x(a["step"].to_list(), log_x), y=a["value"].to_numpy(), mode="lines", name=g,
-                                 legendgroup=g, showlegend=False, line=dict(color=c)), row=1, col=len(titles))
-    if step is not None:
-        for col in range(1, len(titles) + 1):
-            fig.add_vline(x=max(step, 1) if log_x else step, line=dict(color="black", dash="dot", width=1), row=1,
-                          col=col)
-    fig.update_xaxes(title_text="step", type="log" if log_x else "linear")
+        fig.add_trace(go.Scatter(x=step_x(a["step"].to_list(), log_x, all_steps), y=a["value"].to_numpy(),
+                                 mode="lines", name=g, legendgroup=g, showlegend=False, line=dict(color=c)),
+                      row=1, col=len(titles))
+        if step is not None:
+            step_marker(fig, a["step"].to_list(), a["value"].to_list(), step, log_x, all_steps, c, g, row=1,
+                        col=len(titles))
+    for col in range(1, len(titles) + 1):
+        if step is not None:
+            step_line(fig, step, all_steps, log_x, row=1, col=col)
+        step_axis(fig, all_steps, log_x, row=1, col=col)
     fig.update_yaxes(range=[-0.02, 1.02], col=1)
     fig.update_yaxes(range=[-0.02, 1.02], col=len(titles))
     if fourier:
@@ -161,7 +165,7 @@ def layer_heatmap(table: pl.DataFrame, group: str = "test", metric: str = "purit
     if step is not None and step in steps:
         fig.add_vline(x=steps.index(step), line=dict(color="white", width=2))
     fig.update_layout(height=80 + 40 * w.height, margin=dict(t=40, b=40, l=70, r=20),
-                      title=dict(text=f"{metric} per block: {group}", x=0.01), xaxis=dict(title="step", type="category"))
+                      title=dict(text=f"{metric} per block: {group}, {ALL_STEPS}", x=0.01), xaxis=dict(title="step", type="category"))
     return fig
 
 
