@@ -157,3 +157,20 @@ def test_two_gloo_ranks_equal_one_process_and_resume_after_a_killed_rank(runs, t
     _assert_same(_tables(Run.from_folder(killed).store), expected)
     assert len(list(marks.glob("finalize.*"))) == 1
     assert not (killed / "store" / ".writer.lock").exists()
+
+
+def test_torchrun_runs_the_measure_command_as_one_job(runs, tmp_path):
+    import subprocess
+    import sys
+
+    one, two, _ = runs
+    steps = Run.from_folder(one).steps[-3:]
+    measure(Run.from_folder(one), ["basic"], steps=steps, device="cpu", progress=False)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "workbench",
+           "measure", str(two), "--probe", "basic", "--device", "cpu"] + [f"--step={s}" for s in steps]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "WORKBENCH_JOB_ID": ""})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count("store: ") == 1  # said by rank 0 only
+    _assert_same({0: Run.from_folder(two).store.table("basic")}, {0: Run.from_folder(one).store.table("basic")})
+    assert not (two / "store" / ".writer.lock").exists()
