@@ -258,7 +258,7 @@ def test_influence_tracks_every_expert_layout(model_type):
 
 def _readme_rows() -> dict[str, str]:
     text = README.read_text()
-    section = text[text.index("### Supported MoE architectures"):]
+    section = text[text.index("## Supported MoE architectures"):]
     return {m.group(1): m.group(0) for m in re.finditer(r"^\| `([a-z0-9_]+)` \|.*$", section, re.M)}
 
 
