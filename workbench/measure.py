@@ -231,7 +231,8 @@ def measure(
 
     Under torchrun (or any initialized process group) every rank calls it alike: the ranks take different
     unfinished checkpoints, and share the samples of the last ones when fewer remain than there are ranks
-    (:mod:`workbench.sharding`); rank 0 writes the across-checkpoint tables once all are done.
+    (:mod:`workbench.sharding`); rank 0 writes the across-checkpoint tables once all are done. To measure on one
+    rank alone inside such a job, call it within :func:`workbench.distributed.local`.
     """
     if not measurements:
         raise InputError("give at least one measurement (e.g. LossAccuracy(), RoutingStats())")
@@ -344,7 +345,7 @@ class _Step:
             if shard:
                 # Measurements on the model alone run on every rank (influence shards its passes over them);
                 # those on the capture run on rank 0, which holds it whole. Rank 0 writes.
-                alone = {m.name: m.measure(None, ctx) for m in todo if not _captures(m) and m.spec() is None}
+                alone = {m.name: m.measure(None, ctx) for m in todo if m.spec() is None}
                 distributed.on_main(lambda: self._measure([m for m in todo if m.name not in alone], cap, ctx,
                                                           written=alone))
             else:
