@@ -21,6 +21,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from workbench.errors import WorkbenchError
+
 _LOCAL = [0]  # depth of local() blocks
 
 
@@ -165,8 +167,6 @@ def on_main(fn: Callable[[], Any]) -> Any:
     if error is not None:
         raise error
     if status is not None:
-        from workbench.errors import WorkbenchError
-
         raise WorkbenchError(f"rank 0 failed ({status}); this rank stops too")
     return broadcast_object(result)
 
