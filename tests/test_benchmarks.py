@@ -25,8 +25,8 @@ def _timing():
 
 
 def test_every_benchmark_is_smoke_tested():
-    assert SCRIPTS == ["calibration.py", "capture.py", "influence.py", "influence_moe.py", "pathways.py",
-                       "probes.py", "scale.py"]
+    assert SCRIPTS == ["calibration.py", "capture.py", "coherence.py", "influence.py", "influence_moe.py",
+                       "pathways.py", "probes.py", "representations.py", "scale.py"]
 
 
 @pytest.mark.slow

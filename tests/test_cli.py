@@ -107,7 +107,17 @@ def test_measure_and_report_user_checkpoints_with_a_samples_file(tmp_path, capsy
     samples.write_text("\n".join(json.dumps(r) for r in rows))
     assert main(["measure", str(ckpts), "--samples", str(samples)]) == 0
     run = Run.from_folder(ckpts)
-    assert set(run.store.probes()) == {"basic", "routing", "pathways", "calibration", "probes"}
+    assert set(run.store.probes()) == {"basic", "routing", "pathways", "calibration", "probes", "representations",
+                                       "coherence"}
+    # both new families on an HF MoE series: coherence of each group and the control, layouts with decoded texts
+    coh = run.store.table("coherence").filter((pl.col("metric") == "m_coherence") & pl.col("layer").is_null()
+                                              & pl.col("module").is_null())
+    assert set(coh.select("group", "labels").unique().rows()) == {("train", "true"), ("test", "true"),
+                                                                  ("train", "random"), ("all", "true")}
+    assert coh["step"].unique().sort().to_list() == [0, 100]
+    emb = run.store.table("representations", final=True).filter(pl.col("metric") == "embedding")
+    assert emb["step"].unique().sort().to_list() == [0, 100] and any(
+        "on a mat sat the cat red" in t for t in emb["text"].to_list())
     # the stored losses are the model's own: a text scores every next token, a prompt only its completion
     from transformers import AutoModelForCausalLM
 

@@ -163,9 +163,14 @@ def test_coherence_separates_shared_from_random_labels_on_a_linear_model():
 def test_measurement_on_a_run(tiny_run):
     from workbench import measure
 
-    m = GradientCoherence(max_samples=40)
-    store = measure(tiny_run, [m], steps=tiny_run.steps[-2:], progress=False, overwrite=True)
+    steps = tiny_run.steps
+    picked = GradientCoherence(max_checkpoints=3).settle(tiny_run).steps
+    assert len(picked) == 3 and picked[0] == steps[0] and picked[-1] == steps[-1] and picked[1] in steps[1:-1]
+    # the checkpoints it measures are a chosen subset; the others get an empty part (and are not measured again)
+    m = GradientCoherence(max_samples=40, steps=steps[-2:])
+    store = measure(tiny_run, [m], steps=steps[-3:], progress=False, overwrite=True)
     t = GradientCoherence.table(store)
+    assert sorted(t["step"].unique().to_list()) == steps[-2:] and store.has("coherence", steps[-3])
     overall = t.filter(pl.col("layer").is_null() & pl.col("module").is_null())
     sets = set(overall.select("group", "labels").unique().rows())
     assert sets == {("train", "true"), ("test", "true"), ("train", "random"), ("all", "true")}

@@ -95,10 +95,15 @@ def test_every_table_of_every_measurement_has_one_row_per_key(tiny_copy, forgett
     from workbench.probes.influence import Influence
 
     ours = {n for n, cls in registry().items() if cls.__module__.startswith("workbench.probes.")}
-    covered = {"basic", "routing", "pathways", "calibration", "probes", "influence", "forgetting"}
+    from workbench.probes.coherence import GradientCoherence
+    from workbench.probes.representations import Representations
+
+    covered = {"basic", "routing", "pathways", "calibration", "probes", "influence", "forgetting", "coherence",
+               "representations"}
     assert ours <= covered, f"measure {sorted(ours - covered)} here too"
     measure(tiny_copy, [LossAccuracy(), RoutingStats(), RoutingPathways(max_pairs=50), Calibration(bootstrap=10),
-                        LinearProbeAccuracy(max_epochs=5)], steps=tiny_copy.steps[-3:], progress=False)
+                        LinearProbeAccuracy(max_epochs=5), GradientCoherence(max_samples=8), Representations(k=3)],
+            steps=tiny_copy.steps[-3:], progress=False)
     s = tiny_copy.samples
     influence = Influence(queries=s.group("test").select([0, 1]), documents=s.group("train").select(range(6)),
                           top_k_tokens=1)

@@ -27,6 +27,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import torch
 from safetensors import safe_open
@@ -609,6 +610,18 @@ def _check_same_architecture(folders: Sequence[Path]) -> None:
                 f"checkpoints {seen[0].name} and {f.name} are of different architectures ({diff}); a run is "
                 "one model's checkpoints: split them into separate runs"
             )
+
+
+def spread_steps(steps: Sequence[int], n: int) -> tuple[int, ...]:
+    """At most ``n`` of ``steps``, evenly spread over their order (the first and the last included): the
+    checkpoints a costly measurement measures or lays out when it does not take them all."""
+    if n < 1:
+        raise InputError(f"a subset of checkpoints needs at least 1, not {n}")
+    steps = list(steps)
+    if len(steps) <= n:
+        return tuple(steps)
+    picks = np.unique(np.round(np.linspace(0, len(steps) - 1, n)).astype(int))
+    return tuple(steps[i] for i in picks)
 
 
 def count_blocks(run: Run) -> int:

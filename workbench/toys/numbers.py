@@ -27,9 +27,11 @@ import polars as pl
 
 from workbench.errors import InputError
 from workbench.probes.calibration.measurement import scalar_table
+from workbench.probes.coherence import findings as coherence_findings
 from workbench.probes.influence.findings import same_answer_share, score_matrix
 from workbench.probes.influence.measurement import influence_tables
 from workbench.probes.pathways.figures import correlation_table
+from workbench.probes.representations import findings as representation_findings
 from workbench.stats import correlation
 
 #: The thresholds of the run's phases: memorized when train accuracy first reaches MEMORIZED, generalized when
@@ -269,13 +271,69 @@ def _pathway_numbers(store, ph: dict) -> dict[str, Number]:
     return out
 
 
+def _coherence_numbers(store, ph: dict) -> dict[str, Number]:
+    if "coherence" not in store.probes():
+        return {}
+    table = store.table("coherence", final=False)
+    s = coherence_findings.phase_summary(table)
+    out = {"coh_m": _step(s["m"]["train"]), "coh_mem_step": _step(s["steps"]["memorized"]),
+           "coh_checkpoints": _step(table["step"].n_unique()),
+           "coh_gen_step": _step(s["steps"]["generalized"])}
+    for where, prefix in (("blocks", "coh"), ("all", "coh_all")):
+        w = s[where]
+        for name, at in w["at"].items():
+            out |= {f"{prefix}_{name}_{k}": _num(v, ".1f") for k, v in at.items()}
+        for name, ex in w["extremes"].items():
+            out[f"{prefix}_{name}_plateau"] = _num(ex["plateau_mean"], ".2f")
+            out[f"{prefix}_{name}_max"] = _num(ex["max"]["value"], ".1f")
+            out[f"{prefix}_{name}_max_step"] = _step(ex["max"]["step"])
+        ex = w["extremes"]
+        out[f"{prefix}_control_vs_train"] = _text(
+            "above" if ex["random"]["plateau_mean"] > ex["train"]["plateau_mean"] else "below")
+        low = w["extremes"]["train"]["min_until_memorized"]
+        out |= {f"{prefix}_train_low": _num(low["value"], ".2f"), f"{prefix}_train_low_step": _step(low["step"])}
+        for name, r in w["correlation_with_test_accuracy"].items():
+            out[f"{prefix}_{name}_spearman"] = _text(_sign(r["spearman"]))
+    return out
+
+
+def _representation_numbers(store, ph: dict) -> dict[str, Number]:
+    if "representations" not in store.probes():
+        return {}
+    s = representation_findings.phase_summary(store.table("representations", final=False),
+                                              store.table("representations", final=True))
+    out = {"rep_k": _step((store.options("representations") or {}).get("k", 10))}
+    phases = ("first", "memorized", "half", "generalized", "last")
+    purity, last = s["test_purity"], s["layers"][-1]
+    out |= {f"rep_purity_{k}": _num(purity[last][k], ".2f") for k in (*phases, "chance")}
+    out |= {f"rep_purity_{m}": _text(_sign(purity[last][m])) for m in ("pearson", "spearman")}
+    out["rep_last_block"] = _step(last)
+    for k in phases:  # over the blocks, by block number: the shape may change with the run
+        out[f"rep_purity_blocks_{k}"] = _text(", ".join(f"L{layer} {p[k]:.2f}" for layer, p in purity.items()))
+    fo = s.get("fourier")
+    if fo:
+        out |= {"rep_fourier_layer": _step(fo["layer"]), "rep_fourier_n": _step(fo["n_frequencies"]),
+                "rep_fourier_shuffled": _num(fo["shuffled"], ".1f"),
+                "rep_fourier_keys": _text(", ".join(f"{k} ({v:.2f})" for k, v in fo["key_frequencies"])),
+                "rep_fourier_blocks_last": _text(", ".join(f"L{layer} {v:.1f}" for layer, v
+                                                           in fo["layers_effective_last"].items()))}
+        out |= {f"rep_fourier_{k}": _num(v, ".1f") for k, v in fo["effective"].items()}
+        out |= {f"rep_fourier_test_{k}": _num(v, ".1f") for k, v in fo["test_effective"].items()}
+        if "layout_angle" in fo:
+            for k, (step, r, freq) in fo["layout_angle"].items():
+                out |= {f"rep_angle_{k}": _num(r, ".2f"), f"rep_angle_{k}_step": _step(step),
+                        f"rep_angle_{k}_k": _step(freq)}
+    return out
+
+
 def grokking_numbers(run, store=None) -> dict[str, Number]:
     """Every quoted number of a measured built-in grokking run (``workbench demo`` measures all it needs);
     families that are not measured are left out."""
     store = store if store is not None else run.store
     ph = phases(store)
     out = _basic_numbers(run, ph)
-    for part in (_routing_numbers, _probe_numbers, _calibration_numbers, _influence_numbers, _pathway_numbers):
+    for part in (_routing_numbers, _probe_numbers, _calibration_numbers, _influence_numbers, _pathway_numbers,
+                 _coherence_numbers, _representation_numbers):
         out |= part(store, ph)
     return out
 

@@ -113,9 +113,10 @@ def summary_text(table: pl.DataFrame) -> str:
     triple = lambda k: f"{f(b['train'][k])}, {f(b['test'][k])} and {f(b['random'][k])}"  # noqa: E731
     parts = [f"at step {at['first']} {triple('first')}"]
     if at["memorized"] is not None:
-        parts.append(f"when the run memorized (step {at['memorized']}) {triple('memorized')}")
+        parts.append(f"at the first measured checkpoint with the train set memorized (step {at['memorized']}) "
+                     f"{triple('memorized')}")
     if at["generalized"] is not None:
-        parts.append(f"when it generalized (step {at['generalized']}) {triple('generalized')}")
+        parts.append(f"at the first with the test set learned (step {at['generalized']}) {triple('generalized')}")
     parts.append(f"at the last step ({at['last']}) {triple('last')}")
     where = "the blocks' matrices" if s["blocks"]["at"] else "every tracked matrix"
     text = (f"m-coherence over {where} (1: orthogonal per-example gradients; m = {s['m']['train']:.0f}: identical) "

@@ -1,6 +1,7 @@
 """The ``coherence`` measurement: gradient coherence of each sample group at every checkpoint.
 
-Per checkpoint, for every measured set (each sample group with its true labels, and a random-label copy of
+At each measured checkpoint (``steps``; default at most ``max_checkpoints`` spread over the run: the backward
+passes are the cost; the others get an empty part), for every measured set (each sample group with its true labels, and a random-label copy of
 the ``control_groups``, extra column ``labels`` = ``"true"`` / ``"random"``) it runs one backward pass per
 batch (:func:`~workbench.probes.coherence.passes.gradient_sums`) and writes:
 
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import polars as pl
 import torch
@@ -27,11 +28,13 @@ from workbench.measure import Measurement, StepContext, setting
 from workbench.probes.coherence import figures
 from workbench.probes.coherence.functions import GradientSums, random_labels
 from workbench.probes.coherence.passes import MODULES, gradient_sums, scored_samples, tracked_modules, unit_layers
-from workbench.runs import Run
+from workbench.runs import Run, spread_steps
 from workbench.samples import OVERALL, SampleSet
 from workbench.store import Store
 
 LABELS = ("true", "random")
+SCHEMA = {"group": pl.String, "labels": pl.String, "metric": pl.String, "layer": pl.Int32, "module": pl.String,
+          "value": pl.Float64}
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,8 @@ class GradientCoherence(Measurement):
         there is such a group, else every measured group); ``()`` for none.
     max_samples: at most this many samples per group (a seeded subset, the same at every checkpoint; None:
         all). m-coherence ranges from 1 to m, so compare sets of similar size.
+    steps: the checkpoints measured (default: at most ``max_checkpoints``, None for all, spread evenly over the
+        run's checkpoints, the first and the last included).
     modules: ``"all"`` (every linear layer, MoE experts and routers) or ``"mlp"`` (the MLPs only).
     seed: draws the subsets and the random labels.
     token_budget, max_batch: batch sizes (padded tokens, samples); they do not change the numbers.
@@ -56,23 +61,35 @@ class GradientCoherence(Measurement):
 
     groups: tuple[str, ...] | None = None
     control_groups: tuple[str, ...] | None = None
-    max_samples: int | None = 1024
+    max_samples: int | None = 256
+    steps: tuple[int, ...] | None = None
+    max_checkpoints: int | None = 20
     modules: str = "all"
     seed: int = 0
     token_budget: int = setting(8192)
     max_batch: int = setting(512)
 
     def __post_init__(self) -> None:
-        for name in ("groups", "control_groups"):
+        for name in ("groups", "control_groups", "steps"):
             value = getattr(self, name)
-            if isinstance(value, str):
+            if isinstance(value, (str, int)):
                 value = (value,)
             if value is not None:
-                object.__setattr__(self, name, tuple(value))
+                object.__setattr__(self, name, tuple(int(v) if name == "steps" else v for v in value))
         if self.modules not in MODULES:
             raise InputError(f"modules must be one of {MODULES}, not {self.modules!r}")
         if self.max_samples is not None and self.max_samples < 2:
             raise InputError("max_samples must be at least 2 (or None): coherence compares examples")
+
+    def settle(self, run: Run) -> "GradientCoherence":
+        if self.steps is not None:
+            missing = sorted(set(self.steps) - set(run.steps))
+            if missing:
+                raise InputError(f"steps {missing} are not checkpoints of the run; its steps are {run.steps}")
+            return self
+        if self.max_checkpoints is None:
+            return replace(self, steps=tuple(run.steps))
+        return replace(self, steps=spread_steps(run.steps, self.max_checkpoints))
 
     def spec(self) -> None:
         return None  # works on the model: one backward pass per batch, no capture
@@ -108,6 +125,8 @@ class GradientCoherence(Measurement):
 
     # --- one checkpoint ------------------------------------------------------------------------------------------
     def measure(self, cap, ctx: StepContext) -> pl.DataFrame:
+        if self.steps is not None and ctx.step not in self.steps:
+            return pl.DataFrame(schema=SCHEMA)  # not one of the checkpoints measured: an empty part
         model = ctx.model
         tracked = tracked_modules(model, self.modules)
         layer_of = unit_layers(model, tracked)
@@ -127,8 +146,7 @@ class GradientCoherence(Measurement):
             for s in true_sums[1:]:
                 union = union.merge(s)
             rows += self.set_rows(union, layer_of, OVERALL, "true", units=False)
-        return pl.DataFrame(rows, schema={"group": pl.String, "labels": pl.String, "metric": pl.String,
-                                          "layer": pl.Int32, "module": pl.String, "value": pl.Float64})
+        return pl.DataFrame(rows, schema=SCHEMA)
 
     @staticmethod
     def set_rows(sums: GradientSums, layer_of: dict[str, int | None], group: str, labels: str,

@@ -4,7 +4,6 @@ report section (the layout with plotly's own frames and slider: it plays without
 
 from __future__ import annotations
 
-import math
 
 import plotly.graph_objects as go
 import polars as pl
@@ -12,7 +11,7 @@ from plotly.subplots import make_subplots
 
 from workbench.errors import InputError
 from workbench.figures import PALETTE, Section, color, named_groups, nearest_step, with_slider
-from workbench.samples import OVERALL
+from workbench.probes.representations.findings import cyclic_layer, summary_text
 
 #: Colour columns of the layout besides any column of an ``extra`` table.
 COLORS = ("label", "group", "correct", "purity")
@@ -148,17 +147,6 @@ def purity_curves(table: pl.DataFrame, layer: int | None = None, step: int | Non
     return fig
 
 
-def cyclic_layer(table: pl.DataFrame) -> int | None:
-    """The block whose label means are spread over the fewest Fourier frequencies at the last checkpoint (the
-    clearest circle), or None without cyclic labels."""
-    d = table.filter((pl.col("metric") == "fourier_frequencies") & (pl.col("group") == OVERALL)
-                     & pl.col("sample_id").is_null())
-    if d.is_empty():
-        return None
-    last = d.filter(pl.col("step") == d["step"].max()).sort("value", "layer")
-    return int(last["layer"][0])
-
-
 def layer_heatmap(table: pl.DataFrame, group: str = "test", metric: str = "purity", step: int | None = None) -> go.Figure:
     """Block × step heatmap of a per-group metric (default: the held-out group's purity)."""
     d = table.filter((pl.col("metric") == metric) & pl.col("sample_id").is_null() & (pl.col("group") == group)
@@ -186,37 +174,6 @@ def correlation_table(final: pl.DataFrame) -> pl.DataFrame:
     return d.pivot(on="method", index=["group", "layer", "of"], values="value").sort("of", "group", "layer")
 
 
-def _summary(table: pl.DataFrame, final: pl.DataFrame, layer: int, acc_group: str) -> str:
-    steps = sorted(table["step"].unique().to_list())
-    means = table.filter(pl.col("sample_id").is_null())
-
-    def at(metric, group, step, lay=layer):
-        d = means.filter((pl.col("metric") == metric) & (pl.col("group") == group) & (pl.col("step") == step)
-                         & ((pl.col("layer") == lay) if lay is not None else pl.col("layer").is_null()))
-        return float(d["value"][0]) if not d.is_empty() else math.nan
-
-    groups = named_groups(table["group"].unique(maintain_order=True).to_list())
-    parts = []
-    for g in groups:
-        parts.append(f"{g} purity {at('purity', g, steps[0]):.2f} at step {steps[0]} and "
-                     f"{at('purity', g, steps[-1]):.2f} at step {steps[-1]} (chance {at('purity_chance', g, steps[-1]):.2f})")
-    text = f"After block {layer}: " + "; ".join(parts) + "."
-    corr = correlation_table(final)
-    row = corr.filter((pl.col("group") == acc_group) & (pl.col("layer") == layer) & (pl.col("of") == "purity"))
-    if not row.is_empty():
-        text += (f" Across {len(steps)} checkpoints the {acc_group} group's purity correlates with its accuracy at "
-                 f"Pearson {row['pearson'][0]:+.2f} (Spearman {row['spearman'][0]:+.2f}).")
-    lay = cyclic_layer(table)
-    if lay is not None:
-        eff = at("fourier_frequencies", OVERALL, steps[-1], lay)
-        text += (f" With the answers in cyclic order, the answer means after block {lay} spread their variance over "
-                 f"{at('fourier_frequencies', OVERALL, steps[0], lay):.1f} Fourier frequencies (effective number) at "
-                 f"step {steps[0]} and {eff:.1f} at step {steps[-1]}, against "
-                 f"{at('fourier_frequencies_shuffled', OVERALL, steps[-1], lay):.1f} with their order shuffled: few "
-                 "frequencies mean the answers lie on circles.")
-    return text
-
-
 def report_section(table: pl.DataFrame, final: pl.DataFrame, opts: dict) -> Section | None:
     if table.is_empty():
         return None
@@ -228,7 +185,9 @@ def report_section(table: pl.DataFrame, final: pl.DataFrame, opts: dict) -> Sect
             "1 when each label is its own cluster. Layouts: 2-D coordinates of the same states, "
             f"{'AlignedUMAP' if opts.get('method') == 'umap' else 'principal components'} aligned across checkpoints "
             "so a sample moves only as much as the representation does.")
-    sec.add(_summary(table, final, layer, opts.get("accuracy_group", "test")))
+    text = summary_text(table, final)
+    if text:
+        sec.add(text)
     sec.add(with_slider(lambda s: purity_curves(table, layer, step=s), steps))
     groups = named_groups(table["group"].unique(maintain_order=True).to_list())
     test = opts.get("accuracy_group", "test")
@@ -249,5 +208,5 @@ def report_section(table: pl.DataFrame, final: pl.DataFrame, opts: dict) -> Sect
     return sec
 
 
-__all__ = ["COLORS", "correlation_table", "cyclic_layer", "default_layer", "embedding", "embedding_scatter", "layer_heatmap",
+__all__ = ["COLORS", "correlation_table", "default_layer", "embedding", "embedding_scatter", "layer_heatmap",
            "purity_curves", "report_section"]

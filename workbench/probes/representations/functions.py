@@ -255,10 +255,11 @@ def aligned_pca(xs: Sequence[torch.Tensor], n_components: int = 2) -> list[torch
 
 def aligned_umap(xs: Sequence[torch.Tensor], n_neighbors: int = 15, min_dist: float = 0.1,
                  alignment_regularisation: float = 1e-2, alignment_window_size: int = 3, metric: str = "euclidean",
-                 seed: int = 0) -> list[torch.Tensor]:
+                 seed: int = 0, n_epochs: int | None = None) -> list[torch.Tensor]:
     """umap-learn's ``AlignedUMAP`` of the checkpoints' states, each sample linked to itself at the next
     checkpoint, so its position changes only as much as its neighbourhood does: [N, 2] each, each scaled to a
-    unit root-mean-square radius about its centre. Needs the ``umap`` extra."""
+    unit root-mean-square radius about its centre. ``n_epochs``: umap-learn's default (by the sample count)
+    when None; fewer for a quick look. Needs the ``umap`` extra."""
     _check_series(xs)
     if metric not in METRICS:
         raise InputError(f"metric must be one of {METRICS}, not {metric!r}")
@@ -274,7 +275,8 @@ def aligned_umap(xs: Sequence[torch.Tensor], n_neighbors: int = 15, min_dist: fl
     identity = {i: i for i in range(n)}
     reducer = AlignedUMAP(n_neighbors=min(n_neighbors, n - 1), min_dist=min_dist, metric=metric,
                           alignment_regularisation=alignment_regularisation,
-                          alignment_window_size=alignment_window_size, random_state=seed)
+                          alignment_window_size=alignment_window_size, random_state=seed,
+                          **({} if n_epochs is None else {"n_epochs": n_epochs}))
     reducer.fit([x.detach().double().cpu().numpy() for x in xs], relations=[identity] * (len(xs) - 1))
     layouts = reducer.embeddings_
     if len(layouts) != len(xs) or any(np.asarray(e).shape != (n, 2) for e in layouts):

@@ -38,23 +38,13 @@ from workbench.figures import Section
 from workbench.measure import Measurement, StepContext, setting
 from workbench.probes.representations import figures
 from workbench.probes.representations import functions as R
-from workbench.runs import Run, count_blocks
+from workbench.runs import Run, count_blocks, spread_steps
 from workbench.samples import OVERALL, SampleSet, answer_tokens, per_group
 from workbench.stats import correlation
 from workbench.store import Store, write_parquet_atomic
 
 LABELS = ("answer", "group")
 METHODS = ("pca", "umap", "none")
-
-
-def spread_steps(steps: list[int], n: int) -> tuple[int, ...]:
-    """At most ``n`` of ``steps``, evenly spread over their order (the first and the last included)."""
-    if n < 1:
-        raise InputError(f"max_embedded must be at least 1, not {n}")
-    if len(steps) <= n:
-        return tuple(steps)
-    picks = np.unique(np.round(np.linspace(0, len(steps) - 1, n)).astype(int))
-    return tuple(steps[i] for i in picks)
 
 
 def sample_texts(run: Run, samples: SampleSet, width: int = 60) -> list[str]:
@@ -378,4 +368,4 @@ class Representations(Measurement):
         return figures.report_section(cls.table(store), cls.table(store, final=True), store.options(cls.name) or {})
 
 
-__all__ = ["LABELS", "METHODS", "Representations", "sample_texts", "spread_steps"]
+__all__ = ["LABELS", "METHODS", "Representations", "sample_texts"]
