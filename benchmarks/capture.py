@@ -4,7 +4,8 @@ Both are measured side by side in one process on the same thread budget, after a
 rounds (``_timing``: each timing at least 0.25 s of calls, rounds until the median paired ratio is known to
 ±2.5%), and the median of the paired ratios is printed with its quartiles, on
 - the built-in MoE model (demo shape, modular addition, 961 samples), and
-- a tiny random-weight OLMoE (8 layers, 16 experts, d=64) on 512 random token sequences of 16 to 64 tokens.
+- a small random-weight OLMoE at OLMoE's routing shape (16 MoE layers, 64 experts, top-8; d=64, expert width
+  32) on 512 random token sequences of 16 to 64 tokens.
 The bare forward runs the model under inference_mode on the same length-bucketed, right-padded batches
 with an attention mask; capture adds its router and loss hooks and the per-sample reductions. Target <= 1.05.
 
@@ -49,8 +50,9 @@ def olmoe_case(n: int = 512):
     from transformers import OlmoeConfig, OlmoeForCausalLM
 
     torch.manual_seed(0)
-    cfg = OlmoeConfig(vocab_size=1024, hidden_size=64, intermediate_size=64, num_hidden_layers=8,
-                      num_attention_heads=4, num_key_value_heads=4, num_experts=16, num_experts_per_tok=4,
+    # OLMoE's routing shape (16 MoE layers, 64 experts, top-8), at a width that runs on two cores
+    cfg = OlmoeConfig(vocab_size=1024, hidden_size=64, intermediate_size=32, num_hidden_layers=16,
+                      num_attention_heads=4, num_key_value_heads=4, num_experts=64, num_experts_per_tok=8,
                       max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     model = OlmoeForCausalLM(cfg)
     g = torch.Generator().manual_seed(0)

@@ -15,6 +15,11 @@ process:
   depth whose MLP ``nn.Linear`` layers hold as many parameters as the experts: b / d is what tracking the
   experts costs against tracking the same number of MLP parameters as dense linear layers.
 
+Each timed call is the whole per-checkpoint cost, as ``measure_influence`` pays it: finding the modules, fitting
+the factors (covariance pass, eigendecompositions, eigenvalue pass) and scoring. Experts that get no document
+token with a gradient are found inside the covariance pass and left out there (``fit_factors``'
+``idle_experts="drop"``), with no pass of their own.
+
     python benchmarks/influence_moe.py            # 512 documents, 32 queries of 32 tokens
     python benchmarks/influence_moe.py --quick    # 128 documents, 8 queries
 """
@@ -88,7 +93,10 @@ def fit_and_score(model, modules, docs, queries):
     """What one checkpoint costs: ``modules`` is a list, or a function of the model and documents giving it."""
     if callable(modules):
         modules = modules(model, docs)
-    f = fit_factors(model, docs, loss_fn=TASK.loss, modules=modules, mask_fn=TASK.mask, progress=False, report=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", IdleExpertsWarning)  # idle experts left out by the fit, as measured
+        f = fit_factors(model, docs, loss_fn=TASK.loss, modules=modules, mask_fn=TASK.mask, progress=False,
+                        report=False)
     return pairwise_scores(model, f, queries, docs, loss_fn=TASK.loss, measurement_fn=TASK.measurement,
                            modules=modules, mask_fn=TASK.mask, progress=False)
 
@@ -105,9 +113,7 @@ def main() -> None:
     print(f"   {n_docs} documents, {n_queries} queries, ekfac")
     for kind in MOE_KINDS[:1] if args.tiny else ("builtin", *MOE_KINDS):
         model = make_model(kind, args.tiny)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", IdleExpertsWarning)
-            moe = lm_modules(model, documents=docs)
+        moe = lm_modules(model)
         in_mlp = {t.name for t in moe}
         # Linear layers inside MLP blocks (shared experts) may see flattened tokens: track them as lm_modules
         # does (TrackedTokenLinear), the same in a and b.
@@ -116,9 +122,7 @@ def main() -> None:
         linear = outside + mlp_linear
 
         def both(model, docs, outside=outside):
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", IdleExpertsWarning)
-                return outside + lm_modules(model, documents=docs)
+            return outside + lm_modules(model)
 
         cov, lin = mlp_coverage(model, moe), mlp_coverage(model, linear)
         pa = sum(b.n_params for t in linear for b in t.blocks())
@@ -139,8 +143,8 @@ def main() -> None:
         print(f"      per tracked parameter, b relative to a: {per_param.fmt()}")
         _timing.report(f"influence {kind}, b / d (against a dense model with as many MLP parameters)", cmp, "b",
                        against="d")
-    print("   a = every nn.Linear; b = a + experts + routers, modules found with lm_modules(documents=...) inside "
-          "the timed call; d = a dense model of the same width and depth whose MLP nn.Linear layers hold the "
+    print("   a = every nn.Linear; b = a + experts + routers (lm_modules, idle experts left out by the covariance "
+          "pass), found inside the timed call; d = a dense model of the same width and depth whose MLP nn.Linear layers hold the "
           "experts' parameters, every nn.Linear tracked.")
     _timing.footer()
 

@@ -163,3 +163,39 @@ def test_a_model_in_training_mode_is_captured_in_eval_mode():
     a = capture(model, s)
     assert not model.training
     torch.testing.assert_close(a.loss, capture(model, s).loss)
+
+
+def test_applied_weights_and_load_match_each_sample_alone_in_chunks_of_layers(monkeypatch):
+    """The top-k reductions (added up by expert, no [tokens, experts] tensor) and the scores (averaged before
+    their normalization, layers in chunks) against each sample run alone with the routers' own outputs."""
+    import importlib
+
+    model = tiny_model("olmoe")
+    tokens = random_tokens(7, seed=4)
+    routers = [layer.mlp.gate for layer in model.model.layers]
+    seen = []
+    handles = [g.register_forward_hook(lambda m, i, o: seen.append(o)) for g in routers]
+    ref = {"routing": [], "applied": [], "load": []}
+    with torch.no_grad():
+        for t in tokens:
+            seen.clear()
+            model(torch.tensor([t]))
+            per = {name: [] for name in ref}
+            for logits, w, i in seen:
+                per["routing"].append(torch.softmax(logits.float(), -1).mean(0))
+                per["applied"].append(torch.zeros_like(logits).scatter(-1, i, w).mean(0))
+                per["load"].append(torch.zeros_like(logits).scatter(-1, i, 1.0).mean(0))
+            for name in ref:
+                ref[name].append(torch.stack(per[name]))
+    for h in handles:
+        h.remove()
+    spec = CaptureSpec(routing=True, applied=True, expert_load=True)
+    samples = SampleSet.from_token_lists(tokens)
+    whole = capture(model, samples, spec, token_budget=40)
+    # one layer per chunk (a chunk is smaller than one layer's scores)
+    monkeypatch.setattr(importlib.import_module("workbench.capture"), "ROUTING_CHUNK", 1)
+    chunked = capture(model, samples, spec, token_budget=40)
+    for cap in (whole, chunked):
+        for name, got in (("routing", cap.routing), ("applied", cap.applied), ("load", cap.expert_load)):
+            torch.testing.assert_close(got, torch.stack(ref[name]), atol=1e-6, rtol=1e-5)
+    assert float(whole.applied.sum()) > 0

@@ -134,7 +134,7 @@ def test_idle_experts_are_left_out_with_a_warning():
     fit_factors(model, batches(docs), loss_fn=TASK.loss, modules=mods, mask_fn=TASK.mask, report=False, **QUIET)
     with pytest.raises(Exception, match="saw only zero"):  # what tracking an idle expert would do
         fit_factors(model, batches(docs), loss_fn=TASK.loss, modules=lm_modules(model), mask_fn=TASK.mask,
-                    report=False, **QUIET)
+                    idle_experts="raise", report=False, **QUIET)
     cov = mlp_coverage(model, mods)
     assert 0 < cov.mlp_fraction < 1 and cov.untracked[0][0] in ("layers.0.mlp.experts.up_proj",
                                                               "layers.0.mlp.experts.down_proj")
@@ -194,3 +194,47 @@ def test_experts_the_loss_never_reaches_are_left_out_for_answer_only_documents()
     assert experts[1].experts == reaching[1].nonzero().flatten().tolist()
     fit_factors(model, batches(docs, 4), loss_fn=TASK.loss, modules=mods, mask_fn=TASK.mask, report=False,
                 **QUIET)  # raises "saw only zero gradients" if an expert without reaching tokens were tracked
+
+
+def _answer_only_documents(n=12):
+    """Documents scored at their last position only: in the last block, the experts routed only the other
+    positions' tokens get no gradient."""
+    from workbench.samples import IGNORE, SampleSet
+
+    g = torch.Generator().manual_seed(0)
+    inputs = torch.randint(0, 90, (n, 3), generator=g).tolist()
+    return SampleSet(ids=[str(i) for i in range(n)], groups=["train"] * n, input_ids=inputs,
+                     targets=[[IGNORE, IGNORE, (x[0] + x[1]) % 90] for x in inputs])
+
+
+@pytest.mark.parametrize("cache_bytes", [2**31, 0])
+def test_the_covariance_pass_leaves_out_the_experts_a_documents_pass_would(cache_bytes, tmp_path):
+    """Idle experts found inside the covariance pass (fit_factors' default) give the same factors and scores
+    as leaving them out beforehand with lm_modules(documents=...), which costs a pass over the documents;
+    from cached rows (the eigenvalue pass reuses the covariance pass's) and from a second read alike."""
+    model = _model("builtin", layers=2)
+    docs, queries = batches(_answer_only_documents(3), 2), batches(_docs(3, seed=5), 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", IdleExpertsWarning)
+        before = lm_modules(model, documents=docs)
+    options = dict(loss_fn=TASK.loss, mask_fn=TASK.mask, **QUIET)
+    f_before = fit_factors(model, docs, modules=before, report=False, cache_bytes=cache_bytes, **options)
+    s_before = pairwise_scores(model, f_before, queries, docs, modules=before, **options)
+    left_out = [f"{t.name}[{e}]" for t in before if isinstance(t, TrackedExperts) for e in range(t.n_experts)
+                if e not in t.experts]
+    assert left_out  # the case has idle experts
+    every = lm_modules(model)
+    with pytest.warns(IdleExpertsWarning) as caught:
+        f_inside = fit_factors(model, docs, modules=every, report=False, cache_bytes=cache_bytes, **options)
+    assert all(name in str(caught[0].message) for name in left_out)
+    assert sorted(f_inside.shapes) == sorted(f_before.shapes) and f_inside.idle
+    for key, parts in f_before.tensors.items():
+        for part, x in parts.items():
+            assert torch.allclose(f_inside.tensors[key][part], x, rtol=1e-5, atol=1e-6 * float(x.abs().max())), (key, part)
+    assert f_inside.n_tokens == f_before.n_tokens
+    s_inside = pairwise_scores(model, f_inside, queries, docs, modules=every, **options)
+    assert torch.allclose(s_inside, s_before, rtol=1e-4, atol=1e-5 * float(s_before.abs().max()))
+    # saved and loaded, the factors still say which experts they left out
+    f_loaded = type(f_inside).load(f_inside.save(tmp_path))
+    assert f_loaded.idle == f_inside.idle
+    assert torch.equal(pairwise_scores(model, f_loaded, queries, docs, modules=every, **options), s_inside)

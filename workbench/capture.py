@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from workbench.errors import InputError, NumericalError, TokenizerMismatchError, UnknownArchitectureError
 from workbench.models import adapter_for
-from workbench.models.routing import DISTRIBUTIONS, Routing, check_scoring, infer_scoring, locate
+from workbench.models.routing import UNNORMALIZED, Routing, check_scoring, infer_scoring, locate
 from workbench.samples import IGNORE, SampleSet, length_buckets
 from workbench.spill import RowBuffers
 
@@ -237,38 +237,61 @@ def _settle(st: "_BatchState", r: _Routers, first: nn.Module, tokens: int) -> No
     _SETTLED[first] = (routing, r.k)
 
 
+#: Elements of one chunk of [layers, tokens, experts] scores in :func:`_reduce_routing`: blocks of about 4 MB
+#: stay in the cache through their passes (for a large batch, a layer at a time; a small model's layers at once).
+ROUTING_CHUNK = 1 << 20
+
+
 def _reduce_routing(st: "_BatchState", spec: CaptureSpec, r: _Routers) -> None:
     """Token-averaged routing weights (and applied weights, expert load) of every MoE layer for the batch, on
-    the device."""
+    the device.
+
+    The model's scores as a distribution are averaged as ``Σ_t (w_t / z_t) u_t`` (``u`` the unnormalized scores
+    of token ``t``, ``z`` their sum, ``w`` the token weights of the masked mean), so the [tokens, experts] scores
+    are never divided; layers go in chunks of :data:`ROUTING_CHUNK` elements. The top-k weights (normalized,
+    applied) and the load only touch the k selected experts of each token: they are added up by expert
+    (``scatter_add``) without a [tokens, experts] tensor.
+    """
     b, t = st.mask.shape
     outs = st.router_out
     n_layers = len(outs)
     li = r.routing.logits_index
-    logits = torch.stack([o[li] for o in outs])
-    if logits.shape[1:-1].numel() != b * t:
+    first = outs[0][li]
+    if first.shape[:-1].numel() != b * t:
         raise UnknownArchitectureError(
-            f"{r.where} returned logits of shape {tuple(logits.shape[1:])} for {b}x{t} tokens; the workbench "
+            f"{r.where} returned logits of shape {tuple(first.shape)} for {b}x{t} tokens; the workbench "
             "needs one row of logits per token")
-    logits = logits.reshape(n_layers, b * t, -1)
-    need_top = spec.routing_weights == "topk" or spec.expert_load or spec.applied
-    if need_top:
+    n_exp = first.shape[-1]
+    device = first.device
+    if spec.routing_weights == "topk" or spec.expert_load or spec.applied:
         top_w, top_i = _top(st, r, b * t)
-    if spec.routing_weights == "topk":
-        norm = top_w / top_w.sum(-1, keepdim=True).clamp_min(1e-30)  # explicitly: a distribution per token
-        w = torch.zeros(logits.shape, dtype=torch.float32, device=logits.device).scatter_(-1, top_i, norm)
-    else:  # the model's own scores as a distribution, on a float copy (the stack above is one already)
-        w = DISTRIBUTIONS[r.routing.scoring](logits.float())
-    n_exp = w.shape[-1]
-    # token weights: 1/n_tokens on real tokens, 0 on padding, so the weighted sum is the masked mean
-    st.routing = torch.matmul(st.token_w.unsqueeze(1), w.view(n_layers, b, t, n_exp)).squeeze(2).transpose(0, 1)
+        k = top_i.shape[-1]
+        index = top_i.reshape(n_layers, b, t * k)
+        token_w = st.token_w.unsqueeze(-1).expand(b, t, k).reshape(1, b, t * k)
+
+        def by_expert(values: torch.Tensor | None) -> torch.Tensor:
+            """Σ over the batch's token slots of token weight × ``values`` [L, T, k], per sample and expert."""
+            v = token_w.expand(n_layers, b, t * k) if values is None else token_w * values.reshape(n_layers, b, t * k)
+            out = torch.zeros(n_layers, b, n_exp, dtype=torch.float32, device=device)
+            return out.scatter_add_(2, index, v).transpose(0, 1)
+
+    if spec.routing_weights == "topk":  # explicitly: a distribution per token
+        st.routing = by_expert(top_w / top_w.sum(-1, keepdim=True).clamp_min(1e-30))
+    else:  # the model's own scores as a distribution
+        unnormalized = UNNORMALIZED[r.routing.scoring]
+        per = max(1, ROUTING_CHUNK // max(1, b * t * n_exp))
+        parts = []
+        for lo in range(0, n_layers, per):
+            # a fresh float copy (the scoring works in place on it)
+            x = torch.stack([o[li].reshape(b * t, n_exp) for o in outs[lo:lo + per]]).float()
+            scores, sums = unnormalized(x)
+            coef = st.token_w.reshape(1, b * t) if sums is None else st.token_w.reshape(1, b * t) / sums
+            parts.append(torch.matmul(coef.view(-1, b, 1, t), scores.view(-1, b, t, n_exp)).squeeze(2))
+        st.routing = (parts[0] if len(parts) == 1 else torch.cat(parts)).transpose(0, 1)
     if spec.applied:
-        raw = torch.zeros(w.shape, dtype=torch.float32, device=w.device).scatter_(-1, top_i, top_w)
-        st.applied = torch.matmul(st.token_w.unsqueeze(1), raw.view(n_layers, b, t, n_exp)).squeeze(2).transpose(0, 1)
+        st.applied = by_expert(top_w)
     if spec.expert_load:
-        kk = top_i.shape[-1]
-        tw = st.token_w.repeat_interleave(kk, dim=1).expand(n_layers, b, t * kk)
-        load = torch.zeros(n_layers, b, n_exp, device=w.device)
-        st.load = load.scatter_add_(2, top_i.reshape(n_layers, b, t * kk), tw).transpose(0, 1)
+        st.load = by_expert(None)
 
 
 class _HiddenHook:

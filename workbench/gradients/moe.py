@@ -125,6 +125,10 @@ class TrackedExperts(TrackedModule):
     def key(self, param: str, expert: int) -> str:
         return f"{self.name}.{param}.{expert}"
 
+    def only(self, experts: Sequence[int]) -> "TrackedExperts":
+        """The same experts module tracking only ``experts`` (a subset of those tracked here)."""
+        return TrackedExperts(self.name, self.module, self.shape.block, experts=experts, layout=self.layout)
+
     def stack(self, param: str) -> str:
         """The key of the stack of every tracked expert's ``param`` matrix."""
         return f"{self.name}.{param}"

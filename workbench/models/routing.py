@@ -23,27 +23,39 @@ import torch.nn.functional as F
 from workbench.errors import UnknownArchitectureError
 
 
-def _softmax(x: torch.Tensor) -> torch.Tensor:
-    """Softmax over the last dim. For the few experts of a router, torch's CPU kernel (vectorized along that
-    short dim) is ~5x slower than these three elementwise passes; on GPU and for many experts use torch's."""
-    if x.is_cuda or x.shape[-1] >= 32:
-        return torch.softmax(x, dim=-1)
-    e = (x - x.amax(-1, keepdim=True)).exp_()
-    return e.div_(e.sum(-1, keepdim=True))
+def _exp_shifted(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``exp(x - max)`` (in place) and its row sums: a softmax before its division."""
+    e = x.sub_(x.amax(-1, keepdim=True)).exp_()
+    return e, e.sum(-1)
 
 
-def _normalized(scores: torch.Tensor) -> torch.Tensor:
-    return scores.div_(scores.sum(-1, keepdim=True).clamp_min_(1e-30))
+def _with_sums(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return scores, scores.sum(-1).clamp_min_(1e-30)
+
+
+#: How each scoring rule turns router logits into scores over experts and the sum that normalizes them to a
+#: distribution (rows of ``scores / sums[..., None]`` sum to 1; sums None: the scores are one already). In
+#: place on the tensor given (capture hands over a fresh float copy). Capture divides only after reducing over
+#: tokens (a weighted mean of ``scores`` with weights ``1 / sums``), which saves a pass over [tokens, experts].
+UNNORMALIZED: dict[str, Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]] = {
+    "softmax": _exp_shifted,
+    "sigmoid": lambda x: _with_sums(x.sigmoid_()),
+    "sqrtsoftplus": lambda x: _with_sums(F.softplus(x).sqrt_()),
+    "probabilities": lambda x: (x, None),
+}
+
+
+def _distribution(rule: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    def distribution(x: torch.Tensor) -> torch.Tensor:
+        scores, sums = UNNORMALIZED[rule](x)
+        return scores if sums is None else scores.div_(sums.unsqueeze(-1))
+
+    return distribution
 
 
 #: How each scoring rule turns router logits into a distribution over experts (rows sum to 1). In place on
-#: the tensor given (capture hands over a fresh float copy).
-DISTRIBUTIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "softmax": _softmax,
-    "sigmoid": lambda x: _normalized(x.sigmoid_()),
-    "sqrtsoftplus": lambda x: _normalized(F.softplus(x).sqrt_()),
-    "probabilities": lambda x: x,
-}
+#: the tensor given.
+DISTRIBUTIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {rule: _distribution(rule) for rule in UNNORMALIZED}
 
 #: The scores themselves (before normalization), used to check a rule against the applied weights.
 SCORES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -222,5 +234,5 @@ HOW_TO_DECLARE = ("declare its routing: workbench.models.register_adapter(model_
                   "routing=Routing(scoring='softmax' or 'sigmoid', ...)))")
 
 
-__all__ = ["DISTRIBUTIONS", "DISTRIBUTION_NAMES", "Routing", "WEIGHT_LAYOUTS", "check_scoring", "fitting_rules",
+__all__ = ["DISTRIBUTIONS", "DISTRIBUTION_NAMES", "UNNORMALIZED", "Routing", "WEIGHT_LAYOUTS", "check_scoring", "fitting_rules",
            "infer_scoring", "locate"]

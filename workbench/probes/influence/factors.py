@@ -43,6 +43,7 @@ class Factors:
     n_examples: int = 0
     n_tokens: dict[str, int] = field(default_factory=dict)
     report: TrackingReport | None = None
+    idle: list[str] = field(default_factory=list)  # blocks of experts left out: zero gradient on every document
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -55,7 +56,7 @@ class Factors:
     def to(self, device: torch.device | str) -> "Factors":
         moved = {k: {n: t.to(device) for n, t in d.items()} for k, d in self.tensors.items()}
         return Factors(self.strategy, self.fisher, self.modules, self.shapes, moved, self.n_examples,
-                       self.n_tokens, self.report)
+                       self.n_tokens, self.report, self.idle)
 
     def save(self, folder: str | os.PathLike) -> Path:
         """Write ``factors.safetensors`` and ``factors.json`` into ``folder`` (e.g. a run's folder)."""
@@ -66,6 +67,7 @@ class Factors:
             "format": _FORMAT, "strategy": self.strategy, "fisher": self.fisher, "modules": self.modules,
             "shapes": {k: list(v) for k, v in self.shapes.items()}, "n_examples": self.n_examples,
             "n_tokens": self.n_tokens, "report": self.report.to_dict() if self.report else None,
+            "idle": self.idle,
         }
         # Write to temporary names, then rename, so an interrupted save never leaves half a folder.
         tmp_t, tmp_j = folder / ".factors.safetensors.tmp", folder / ".factors.json.tmp"
@@ -90,7 +92,7 @@ class Factors:
             tensors[key][part] = t
         report = TrackingReport.from_dict(meta["report"]) if meta.get("report") else None
         return cls(meta["strategy"], meta["fisher"], meta["modules"], {k: tuple(v) for k, v in meta["shapes"].items()},
-                   tensors, meta["n_examples"], meta["n_tokens"], report)
+                   tensors, meta["n_examples"], meta["n_tokens"], report, meta.get("idle", []))
 
 
 # --- numerical pieces (pure) ----------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from workbench.errors import InputError, NumericalError
-from workbench.probes.influence import distributed
+from workbench.probes.influence import distributed, idle
 from workbench.probes.influence.factors import FISHERS, STRATEGIES, Factors, check_finite, eigen
 from workbench.probes.influence.passes import compute_dtype, evaluating, model_device, run_pass
 from workbench.probes.influence.precondition import rotate
@@ -42,6 +42,7 @@ def fit_factors(
     autocast_dtype: torch.dtype | None = None,
     seed: int = 0,
     cache_bytes: int = 2**31,
+    idle_experts: str = "drop",
     progress: bool = True,
     report: bool = True,
 ) -> Factors:
@@ -64,10 +65,16 @@ def fit_factors(
         cache_bytes: ekfac keeps the token rows of the covariance pass, up to this many bytes (per rank, on
             the model's device), so that its eigenvalue pass needs no second forward and backward pass over
             the documents; beyond it (or with 0) the documents are read again. Same result either way.
+        idle_experts: ``"drop"`` (default): experts (of :class:`~workbench.gradients.moe.TrackedExperts`) whose
+            gradient is zero on every document, as the covariance pass finds (:mod:`.idle`), are left out of
+            the factors with an IdleExpertsWarning, and scoring with the same modules leaves them out too
+            (they add nothing to any score); ``"raise"``: a NumericalError, as for any layer without curvature.
         progress: show progress bars. report: print which parameters are tracked.
     """
     if strategy not in STRATEGIES:
         raise InputError(f"strategy must be one of {STRATEGIES}, not {strategy!r}")
+    if idle_experts not in ("drop", "raise"):
+        raise InputError(f"idle_experts must be 'drop' or 'raise', not {idle_experts!r}")
     if fisher not in FISHERS:
         raise InputError(f"fisher must be 'true' (labels sampled from the model) or 'empirical', not {fisher!r}")
     sample = fisher == "true"
@@ -93,7 +100,8 @@ def fit_factors(
         cached = None
         if strategy in ("kfac", "ekfac"):
             budget = cache_bytes if strategy == "ekfac" else 0
-            cached = _fit_covariances(model, documents, tracked, loss_fn, factors, common, budget)
+            cached, tracked = _fit_covariances(model, documents, tracked, loss_fn, factors, common, budget,
+                                               idle_experts == "drop")
         if strategy in ("diagonal", "ekfac"):
             _fit_lambda(model, documents, tracked, loss_fn, factors, common, cached)
     return factors
@@ -113,9 +121,10 @@ def _per_block(bs: list[Block], t: torch.Tensor) -> list[tuple[Block, torch.Tens
     return [(bs[0], t)] if bs[0].stack is None else [(b, x.clone()) for b, x in zip(bs, t)]
 
 
-def _fit_covariances(model, documents, tracked, loss_fn, factors: Factors, common: dict,
-                     cache_bytes: int) -> list | None:
-    """Fill in the eigenbases; return the pass's rows when they fit in ``cache_bytes`` (else None)."""
+def _fit_covariances(model, documents, tracked, loss_fn, factors: Factors, common: dict, cache_bytes: int,
+                     drop_idle: bool) -> tuple[list | None, list[TrackedModule]]:
+    """Fill in the eigenbases; return the pass's rows when they fit in ``cache_bytes`` (else None) and the
+    tracked modules (without idle experts when ``drop_idle``)."""
     device, dtype = model_device(model), common["dtype"]
     sums: dict[str, torch.Tensor] = {}
     groups = units(tracked)
@@ -138,9 +147,7 @@ def _fit_covariances(model, documents, tracked, loss_fn, factors: Factors, commo
         with torch.no_grad():
             for key, r in rows.items():
                 if r.stacked:  # packed rows [G, R, dim]: every member's covariance in one batched product
-                    sums[f"{key}::A"].baddbmm_(r.a.mT, r.a)
-                    sums[f"{key}::S"].baddbmm_(r.s.mT, r.s)
-                    sums[f"{key}::tokens"] += r.valid.sum(1)
+                    _add_stacked(sums, key, r)
                     continue
                 a, s = r.a.reshape(-1, r.a.shape[-1]), r.s.reshape(-1, r.s.shape[-1])
                 sums[f"{key}::A"].addmm_(a.T, a)
@@ -151,6 +158,8 @@ def _fit_covariances(model, documents, tracked, loss_fn, factors: Factors, commo
     if int(sums["__counts"][0]) == 0:
         raise InputError("documents gave no batches; pass a non-empty iterable of batches (a list or a DataLoader)")
     factors.n_examples = int(sums["__counts"][1])
+    if drop_idle:
+        tracked, groups, cache = _without_idle(model, tracked, groups, sums, factors, cache)
     # Every rank decomposes the same summed matrices (so a numerical error stops every rank), then takes
     # rank 0's result, so that all ranks precondition with identical numbers.
     eig: dict[str, torch.Tensor] = {}
@@ -168,7 +177,61 @@ def _fit_covariances(model, documents, tracked, loss_fn, factors: Factors, commo
         key, part = name.rsplit("::", 1)
         for b, x in _per_block(groups[key], t):
             factors.tensors[b.key][part] = x
-    return cache
+    return cache, tracked
+
+
+def _add_stacked(sums: dict, key: str, r) -> None:
+    """A stack's covariance sums updated with one batch's packed rows; members (experts) that got no row in
+    the batch are skipped (their rows are all filler)."""
+    got = r.valid.any(1)
+    sums[f"{key}::tokens"] += r.valid.sum(1)
+    if bool(got.all()):
+        sums[f"{key}::A"].baddbmm_(r.a.mT, r.a)
+        sums[f"{key}::S"].baddbmm_(r.s.mT, r.s)
+        return
+    use = got.nonzero().squeeze(1)
+    if use.numel():
+        a, s = r.a[use], r.s[use]
+        sums[f"{key}::A"].index_add_(0, use, torch.bmm(a.mT, a))
+        sums[f"{key}::S"].index_add_(0, use, torch.bmm(s.mT, s))
+
+
+def _without_idle(model, tracked, groups, sums, factors: Factors, cache):
+    """Leave out the experts with a zero gradient on every document (:mod:`.idle`): from the tracked modules,
+    the summed covariances, the cached rows and the factors' blocks; warn naming them."""
+    stacks = {key: sums[f"{key}::S"] for key, bs in groups.items() if bs[0].stack is not None}
+    zero = idle.zero_gradient_blocks(stacks, {key: [b.key for b in groups[key]] for key in stacks})
+    kept, names = idle.leave_out(tracked, zero)
+    if not names:
+        return tracked, groups, cache
+    if not kept:
+        raise InputError("every tracked layer had a zero gradient on every document; is the loss connected to them?")
+    new = units(kept)
+    gone = {b.key for bs in groups.values() for b in bs} - {b.key for bs in new.values() for b in bs}
+    for key, bs in groups.items():
+        if key in new and len(new[key]) == len(bs):
+            continue
+        keys = [b.key for b in new.get(key, [])]
+        keep = torch.tensor([i for i, b in enumerate(bs) if b.key in set(keys)], dtype=torch.long,
+                            device=sums[f"{key}::S"].device)
+        for part in ("A", "S", "tokens"):
+            name = f"{key}::{part}"
+            if key in new:
+                sums[name] = sums[name][keep]
+            else:
+                del sums[name]
+        for rows, _ in cache or []:
+            if key in rows:
+                if key in new:
+                    rows[key] = idle.members(rows[key], keep.to(rows[key].a.device))
+                else:
+                    del rows[key]
+    for key in gone:
+        del factors.shapes[key], factors.tensors[key]
+    factors.idle = sorted(gone)
+    factors.report = tracking_report(model, kept)
+    idle.warn(names)
+    return kept, new, cache
 
 
 def _fit_lambda(model, documents, tracked, loss_fn, factors: Factors, common: dict,

@@ -187,7 +187,8 @@ class Influence(Measurement):
                             truncate=self.truncate)
         _check_queries(self.queries, model)
         doc_b, q_b = batches(docs, self.batch_size), batches(self.queries, self.batch_size)
-        tracked = lm_modules(model, documents=doc_b) if self.modules == "lm" else resolve_modules(model, None)
+        # lm_modules without documents: the fit finds and leaves out idle experts in its covariance pass
+        tracked = lm_modules(model) if self.modules == "lm" else resolve_modules(model, None)
         return _one_checkpoint(model, tracked, LMTask(), docs, self.queries, doc_b, q_b, strategy=self.strategy,
                                fisher=self.fisher, damping=self.damping, seed=self.seed, top_k=self.top_k_tokens,
                                batch_size=self.batch_size, progress=ctx.progress)

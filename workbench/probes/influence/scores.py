@@ -19,7 +19,7 @@ from torch import nn
 
 from workbench.checks import is_integer
 from workbench.errors import InputError, NumericalError
-from workbench.probes.influence import distributed
+from workbench.probes.influence import distributed, idle
 from workbench.probes.influence.factors import Factors
 from workbench.probes.influence.passes import compute_dtype, evaluating, model_device, run_pass
 from workbench.probes.influence.precondition import Preconditioner
@@ -32,6 +32,8 @@ CHUNK_ELEMENTS = 2**25
 def tracked_for(model: nn.Module, factors: Factors, modules: Sequence[str | TrackedModule] | None):
     """The model's tracked modules for these factors, checked against the shapes they were fitted with."""
     tracked = resolve_modules(model, factors.modules if modules is None else modules)
+    if factors.idle:  # experts the fit left out (zero gradient on every document): left out here too
+        tracked, _ = idle.leave_out(tracked, set(factors.idle))
     shapes = {b.key: (b.out_dim, b.in_dim) for t in tracked for b in t.blocks()}
     if shapes != {k: tuple(v) for k, v in factors.shapes.items()}:
         missing = sorted(set(factors.shapes) - set(shapes))
