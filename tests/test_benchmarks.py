@@ -26,7 +26,7 @@ def _timing():
 
 def test_every_benchmark_is_smoke_tested():
     assert SCRIPTS == ["calibration.py", "capture.py", "coherence.py", "grokking.py", "influence.py",
-                       "influence_moe.py", "pathways.py", "probes.py", "representations.py"]
+                       "influence_moe.py", "pathways.py", "probes.py", "representations.py", "scale.py"]
 
 
 @pytest.mark.slow

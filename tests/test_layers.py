@@ -18,21 +18,22 @@ from tests.conftest import REPO
 #: do not import each other.
 LAYERS = [
     ["workbench.errors", "workbench.checks"],
-    ["workbench.samples", "workbench.store", "workbench.lock", "workbench.stats"],
+    ["workbench.samples", "workbench.store", "workbench.lock", "workbench.stats", "workbench.distributed",
+     "workbench.spill"],
     ["workbench.models"],
     ["workbench.runs"],
     ["workbench.capture", "workbench.gradients"],
     ["workbench.figures"],
-    ["workbench.measure"],
+    ["workbench.measure", "workbench.sharding"],
     ["workbench.probes"],
     ["workbench.report"],
     ["workbench.toys"],
-    ["workbench.cli"],
+    ["workbench.cli", "workbench.__main__"],
     ["workbench"],  # the package's own __init__: the public names, from anywhere below
 ]
 JUPYTER = ("widgets", "ipywidgets", "IPython", "anywidget", "ipykernel")
 #: Third-party modules slow enough to import that a function may import them when it needs them.
-HEAVY = ("transformers", "scipy", "nbformat", "nbclient", "nbconvert", "umap", "duckdb")
+HEAVY = ("transformers", "scipy", "nbformat", "nbclient", "nbconvert", "umap", "duckdb", "accelerate")
 
 
 def _modules(package: str) -> dict[str, Path]:

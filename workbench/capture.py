@@ -19,6 +19,7 @@ masks keep padding out of every number.
 from __future__ import annotations
 
 import contextlib
+import os
 import weakref
 from dataclasses import dataclass, field, replace
 
@@ -31,6 +32,7 @@ from workbench.errors import InputError, NumericalError, TokenizerMismatchError,
 from workbench.models import adapter_for
 from workbench.models.routing import UNNORMALIZED, Routing, check_scoring, infer_scoring, locate
 from workbench.samples import IGNORE, SampleSet, length_buckets
+from workbench.spill import RowBuffers
 
 
 ROUTING_WEIGHTS = ("scores", "topk", "softmax")
@@ -112,6 +114,7 @@ class Capture:
     routing_weights: str | None = None  # what ``routing`` holds: "scores" or "topk"
     scoring: str | None = None  # how the routers score experts ("softmax", "sigmoid", ...)
     no_router_matrices: str | None = None  # why router_matrices is None
+    rows: torch.Tensor | None = None  # the samples this capture computed (a shard of the batches); None: all
 
     def __len__(self) -> int:
         return len(self.sample_ids)
@@ -401,6 +404,9 @@ def capture(
     pad_id: int = 0,
     truncate: bool = False,
     progress: bool = False,
+    shard: tuple[int, int] | None = None,
+    memory_budget: int | None = None,
+    spill_dir: str | os.PathLike | None = None,
 ) -> Capture:
     """Run ``samples`` through ``model`` once and collect what ``spec`` asks for.
 
@@ -408,10 +414,18 @@ def capture(
     ``autocast`` defaults to bf16 autocast on CUDA and none on CPU. Samples are checked against the model first
     (:meth:`SampleSet.fit`): token ids within its vocabulary, lengths within its positions (``truncate=True``
     cuts longer ones instead of refusing them).
+
+    ``shard=(rank, world)`` runs only every ``world``-th batch from ``rank`` (the batches are made over all
+    samples, so each is the batch a lone capture runs); the Capture's ``rows`` names the samples it holds, the
+    other rows are undefined (:mod:`workbench.sharding` gathers the shards). ``memory_budget`` (bytes) bounds
+    the per-sample tensors that grow with the sample count (routing, applied, load, hidden states) held in
+    memory: past it they are written batch by batch to memory-mapped files in ``spill_dir`` (default: the
+    temporary folder), unlinked at once so nothing is left behind (:class:`workbench.spill.RowBuffers`).
     """
     device = torch.device(device) if device is not None else default_device()
     first = next(model.parameters(), None)
-    if first is not None and first.device != device:
+    # A model dispatched with device_map stays where it was placed; its hooks move inputs and outputs.
+    if first is not None and first.device != device and not getattr(model, "hf_device_map", None):
         model = model.to(device)
     if model.training:  # eval() walks every module: skip it when the model is already in eval mode
         model.eval()
@@ -446,8 +460,11 @@ def capture(
     out["n_scored"] = torch.empty(n, dtype=torch.long, **host)
     per_expert: dict[str, torch.Tensor] = {}  # routing, applied, load: [N, L, E], made at the first batch
     hidden: dict[int, torch.Tensor] = {}
+    buffers = RowBuffers(memory_budget, spill_dir, pin_memory=cuda)
 
     batches = length_buckets(samples.lengths, token_budget, max_batch)
+    if shard is not None:
+        batches = batches[shard[0]::shard[1]]
     amp = torch.autocast(device.type, dtype=torch.bfloat16) if use_autocast else contextlib.nullcontext()
     try:
         with torch.inference_mode(), amp:
@@ -475,11 +492,11 @@ def capture(
                 for name, v in (("routing", state.routing), ("applied", state.applied), ("load", state.load)):
                     if v is not None:
                         if name not in per_expert:
-                            per_expert[name] = torch.empty((n,) + tuple(v.shape[1:]), **host)
+                            per_expert[name] = buffers.rows((n,) + tuple(v.shape[1:]))
                         per_expert[name][rows] = v.to("cpu", non_blocking=cuda)
                 for layer, h in state.hidden.items():
                     if layer not in hidden:
-                        hidden[layer] = torch.empty(n, h.shape[-1], **host)
+                        hidden[layer] = buffers.rows((n, h.shape[-1]))
                     hidden[layer][rows] = h.to("cpu", non_blocking=cuda)
         if cuda:
             torch.cuda.synchronize(device)
@@ -508,6 +525,7 @@ def capture(
         routing_weights=_same_scores(spec.routing_weights) if layers else None,
         scoring=r.routing.scoring if r else None,
         no_router_matrices=why_not,
+        rows=torch.as_tensor([i for b in batches for i in b], dtype=torch.long) if shard is not None else None,
     )
 
 
@@ -530,10 +548,28 @@ def _check_weights_option(spec: CaptureSpec, r: _Routers) -> None:
 def _router_matrices(adapter, layers, n_experts: int | None) -> tuple[list[torch.Tensor] | None, str | None]:
     """Each MoE layer's router matrix [E, d] (the routed experts' rows), or None and the reason."""
     try:
-        ws = [adapter.router_weight_of(layer.router).detach() for layer in layers]
+        ws = []
+        for layer in layers:
+            with _onloaded(layer.router):
+                ws.append(adapter.router_weight_of(layer.router).detach()[:n_experts].float().cpu().clone())
     except UnknownArchitectureError as exc:
         return None, str(exc)
-    return [w[:n_experts].float().cpu() for w in ws], None
+    return ws, None
+
+
+@contextlib.contextmanager
+def _onloaded(module: nn.Module):
+    """The weights of ``module`` in place for a moment where accelerate offloaded them (a device_map with
+    "disk", or offloading to the CPU: the parameters are on the meta device outside the forward pass)."""
+    if not any(hasattr(m, "_hf_hook") for m in module.modules()):
+        yield
+        return
+    from accelerate.utils import align_module_device  # a dependency of device_map loading: present then
+
+    with contextlib.ExitStack() as stack:
+        for m in module.modules():
+            stack.enter_context(align_module_device(m))
+        yield
 
 
 __all__ = ["Capture", "CaptureSpec", "capture", "default_device", "model_positions", "vocab_size"]

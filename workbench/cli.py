@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -197,8 +198,9 @@ def cmd_measure(args) -> None:
     if "samples" in files:
         _run_samples(run, read_samples(files["samples"], tokenizer)[0], args.overwrite)
     store = measure(run, measurements, steps=args.step, device=args.device, overwrite=args.overwrite,
-                    truncate=args.truncate, wait=args.wait)
-    print(f"store: {store.root}")
+                    truncate=args.truncate, wait=args.wait, memory_budget=args.memory_budget)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun: said once
+        print(f"store: {store.root}")
 
 
 def cmd_report(args) -> None:
@@ -279,6 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--truncate", action="store_true",
                    help="cut samples longer than the model's positions (default: refuse them)")
     m.add_argument("--wait", action="store_true", help="wait for another process writing the store to finish")
+    m.add_argument("--memory-budget", metavar="SIZE",
+                   help="most memory a capture holds in per-sample tensors (e.g. 4GiB); past it they stream to "
+                        "memory-mapped files beside the store (default: no bound)")
     m.set_defaults(func=cmd_measure)
 
     n = sub.add_parser("numbers", help="the built-in run's quoted numbers, from its store; rewrite or check a README")

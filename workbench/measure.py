@@ -51,13 +51,19 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from workbench import distributed, sharding
 from workbench.capture import Capture, CaptureSpec, capture, default_device, model_positions, vocab_size
 from workbench.checks import is_integer, plain
 from workbench.errors import InputError
 from workbench.figures import Section
 from workbench.runs import Checkpoint, Run
 from workbench.samples import SampleSet
+from workbench.spill import parse_bytes
 from workbench.store import Store
+
+#: The folder of a store where captures beyond their memory budget keep per-sample tensors (files unlinked once
+#: mapped, so it stays empty).
+SPILL_DIR = ".spill"
 
 #: Metadata key of the fields that are not options (see :func:`setting`).
 NOT_AN_OPTION = "workbench.not_an_option"
@@ -210,6 +216,7 @@ def measure(
     truncate: bool = False,
     wait: bool | float = False,
     job: str | None = None,
+    memory_budget: int | str | None = None,
     **capture_kwargs,
 ) -> Store:
     """Measure every checkpoint of ``run`` (or ``steps``) into ``run.store``; returns the store.
@@ -219,7 +226,13 @@ def measure(
     refusing them; ``capture_kwargs`` go to :func:`workbench.capture`. ``overwrite`` measures again from scratch
     into a new table that replaces the old one only once complete. Another process writing the store makes this
     one fail, or with ``wait`` (True, or seconds) wait for it; ``job`` names the distributed job this process is
-    a rank of (see :mod:`workbench.lock`).
+    a rank of (see :mod:`workbench.lock`). ``memory_budget`` (bytes, or text like ``"4GiB"``) bounds the
+    per-sample tensors a capture holds in memory; past it they stream to memory-mapped files beside the store.
+
+    Under torchrun (or any initialized process group) every rank calls it alike: the ranks take different
+    unfinished checkpoints, and share the samples of the last ones when fewer remain than there are ranks
+    (:mod:`workbench.sharding`); rank 0 writes the across-checkpoint tables once all are done. To measure on one
+    rank alone inside such a job, call it within :func:`workbench.distributed.local`.
     """
     if not measurements:
         raise InputError("give at least one measurement (e.g. LossAccuracy(), RoutingStats())")
@@ -235,47 +248,118 @@ def measure(
         spec = spec.union(s)
     if samples is None and any(_captures(m) for m in ms):
         samples = run.samples  # read once, and before anything is written (it raises when the run has none)
-    device = torch.device(device) if device is not None else default_device()
+    device = distributed.local_device(torch.device(device) if device is not None else default_device())
+    budget = parse_bytes(memory_budget)
     autocast = capture_kwargs.get("autocast")
     common = {"model": run.identity(), "dtype": None if dtype is None else str(dtype)}
     capturing = {"samples": samples.digest() if samples is not None else None, "truncate": bool(truncate),
                  "autocast": bool(device.type == "cuda" if autocast is None else autocast)}
     store = run.store
-    with store.lock(wait=wait, job=job):
-        for m in ms:
-            fp = {"version": m.version, **common, **(capturing if _captures(m) else {})}
-            store.begin(m.name, m.options(), overwrite=overwrite, fingerprint=fp)
-            m.begin(store)
-        todo = [c for c in wanted if any(not store.has(m.name, c.step) for m in ms)]
-        bar = tqdm(todo, desc=f"measuring {run.name}", unit="ckpt", disable=not progress)
-        fitted: dict[tuple, SampleSet] = {}
-        for ckpt in bar:
-            bar.set_postfix(step=ckpt.step)
-            model = ckpt.load(device=device, dtype=dtype)
-            cap = ctx = None
-            try:
-                given = samples
-                if specs:  # checked against the model (vocabulary, positions) once per shape of model
-                    limits = (vocab_size(model), model_positions(model))
-                    if limits not in fitted:
-                        fitted[limits] = samples.fit(*limits, truncate=truncate)
-                    given = fitted[limits]
-                    cap = capture(model, given, spec, device=device, progress=progress, **capture_kwargs)
-                ctx = StepContext(run, ckpt, model, device, store, progress, given)
+    fingerprints = {m.name: {"version": m.version, **common, **(capturing if _captures(m) else {})} for m in ms}
+    started = distributed.init_from_env(device)  # torchrun without a process group yet: this call starts it
+    try:
+        with sharding.writer(store, wait=wait, job=job):
+            distributed.on_main(lambda: _begin(store, ms, fingerprints, overwrite))
+            if not distributed.is_main():
                 for m in ms:
-                    if not store.has(m.name, ckpt.step):
-                        store.write(m.name, ckpt.step, m.measure(cap, ctx))
-            finally:
-                del model, cap, ctx
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-        for m in ms:
-            final = m.finalize(store, run)
-            if final is not None:
-                store.write_final(m.name, final)
-        for m in ms:
-            store.commit(m.name)  # an overwrite's new table replaces the old one only now, complete
+                    store.follow(m.name, overwrite=overwrite)  # rank 0 began it: write where it does
+            todo = distributed.on_main(lambda: [c.step for c in wanted
+                                                if any(not store.has(m.name, c.step) for m in ms)])
+            plan = sharding.plan(todo)
+            step = _Step(run, ms, spec if specs else None, samples, device, dtype, store, progress, truncate,
+                         budget, capture_kwargs)
+            by_step = {c.step: c for c in wanted}
+            bar = tqdm(total=len(plan.own) + len(plan.shared), desc=f"measuring {run.name}", unit="ckpt",
+                       disable=not progress or not distributed.is_main())
+            with distributed.local():  # a checkpoint of this rank's own: no collective may wait for the others
+                for s in plan.own:
+                    bar.set_postfix(step=s)
+                    step(by_step[s])
+                    bar.update()
+            for s in plan.shared:
+                bar.set_postfix(step=s)
+                step(by_step[s], shard=True)
+                bar.update()
+            bar.close()
+            distributed.barrier()  # every part is written before rank 0 reads them all
+            distributed.on_main(lambda: _finish(store, ms, run))
+    finally:
+        if started:
+            torch.distributed.destroy_process_group()
     return store
+
+
+def _begin(store: Store, ms: list[Measurement], fingerprints: dict, overwrite: bool) -> None:
+    for m in ms:
+        store.begin(m.name, m.options(), overwrite=overwrite, fingerprint=fingerprints[m.name])
+        m.begin(store)
+
+
+def _finish(store: Store, ms: list[Measurement], run: Run) -> None:
+    for m in ms:
+        final = m.finalize(store, run)
+        if final is not None:
+            store.write_final(m.name, final)
+    for m in ms:
+        store.commit(m.name)  # an overwrite's new table replaces the old one only now, complete
+
+
+@dataclass
+class _Step:
+    """Measure one checkpoint: load it, capture once with the union of the specs, write each unfinished part.
+    With ``shard``, every rank captures its share of the batches and rank 0 measures the gathered capture."""
+
+    run: Run
+    ms: list[Measurement]
+    spec: CaptureSpec | None
+    samples: SampleSet | None
+    device: torch.device
+    dtype: torch.dtype | None
+    store: Store
+    progress: bool
+    truncate: bool
+    memory_budget: int | None
+    capture_kwargs: dict
+    fitted: dict = field(default_factory=dict)  # samples checked against each shape of model, once
+
+    def __call__(self, ckpt: Checkpoint, shard: bool = False) -> None:
+        store, ms = self.store, self.ms
+        model = ckpt.load(device=self.device, dtype=self.dtype)
+        cap = ctx = None
+        try:
+            given = self.samples
+            if self.spec is not None:  # checked against the model (vocabulary, positions) once per shape
+                limits = (vocab_size(model), model_positions(model))
+                if limits not in self.fitted:
+                    self.fitted[limits] = self.samples.fit(*limits, truncate=self.truncate)
+                given = self.fitted[limits]
+                cap = capture(model, given, self.spec, device=self.device,
+                              progress=self.progress and distributed.is_main(),
+                              shard=(distributed.rank(), distributed.world_size()) if shard else None,
+                              memory_budget=self.memory_budget, spill_dir=store.root / SPILL_DIR,
+                              **self.capture_kwargs)
+                if shard:
+                    cap = sharding.gather_capture(cap)
+            ctx = StepContext(self.run, ckpt, model, self.device, store, self.progress, given)
+            todo = [m for m in ms if not store.has(m.name, ckpt.step)]
+            if shard:
+                # Measurements on the model alone run on every rank (influence shards its passes over them);
+                # those on the capture run on rank 0, which holds it whole. Rank 0 writes.
+                alone = {m.name: m.measure(None, ctx) for m in todo if m.spec() is None}
+                distributed.on_main(lambda: self._measure([m for m in todo if m.name not in alone], cap, ctx,
+                                                          written=alone))
+            else:
+                self._measure(todo, cap, ctx)
+        finally:
+            del model, cap, ctx
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    def _measure(self, todo: list[Measurement], cap, ctx: StepContext, written: dict | None = None) -> None:
+        for name, df in (written or {}).items():
+            self.store.write(name, ctx.step, df)
+        for m in todo:
+            self.store.write(m.name, ctx.step, m.measure(cap, ctx))
 
 
 def _captures(m: Measurement) -> bool:

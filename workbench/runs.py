@@ -236,6 +236,11 @@ class Checkpoint:
             model = _load_hf(self.source, revision=self.revision, local=self.kind == "hf", **self.hf_kwargs)
         else:
             raise InputError(f"unknown checkpoint kind {self.kind!r}")
+        if getattr(model, "hf_device_map", None):  # placed by device_map=...: accelerate moves what it must
+            if dtype is not None and model.dtype != dtype:
+                raise InputError(f"{self.source} was loaded with a device_map, which places its weights as they load; "
+                                 f"give the dtype there too (Run.from_folder(..., device_map=..., torch_dtype={dtype}))")
+            return model.eval()
         if dtype is not None:
             model = model.to(dtype)
         if device is not None:

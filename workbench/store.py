@@ -313,6 +313,13 @@ class Store:
         write_json_atomic(fp, d / FINGERPRINT)
         write_json_atomic(options, d / OPTIONS)
 
+    def follow(self, probe: str, overwrite: bool = False) -> None:
+        """Write ``probe`` where another rank of this job, which called :meth:`begin`, writes it (its staging
+        folder when ``overwrite``); records and checks nothing, since that rank did."""
+        self.folder(probe)  # checks the name
+        if overwrite:
+            self._staging[probe] = self.root / f".{probe}.new"
+
     def _check_resume(self, probe: str, options: dict, fp: dict) -> None:
         again = ("pass overwrite=True (workbench measure --overwrite) to measure it again (the old table stays "
                  "until the new one is complete), or measure into another store (store_root=...)")
