@@ -102,6 +102,15 @@ def save_series(folder: Path, n_checkpoints: int) -> Path:
     return folder
 
 
+def _scratch() -> str | None:
+    """Where the benchmark's temporary stores go: under $WORKBENCH_HOME when it is set (created if it is not
+    there yet, as in a fresh clone), else the system's temporary folder."""
+    home = os.environ.get("WORKBENCH_HOME")
+    if home:
+        Path(home).mkdir(parents=True, exist_ok=True)
+    return home
+
+
 def _rank(rank: int, port: int, folder: str, n: int, threads: int, rounds: int, warmup: int, out: str) -> None:
     import torch.distributed as dist
 
@@ -170,7 +179,7 @@ def _rank(rank: int, port: int, folder: str, n: int, threads: int, rounds: int, 
 def ranks(args, n: int, n_checkpoints: int, rounds: int, warmup: int = 1) -> None:
     import torch.multiprocessing as mp
 
-    with tempfile.TemporaryDirectory(dir=os.environ.get("WORKBENCH_HOME")) as tmp:
+    with tempfile.TemporaryDirectory(dir=_scratch()) as tmp:
         folder = save_series(Path(tmp) / "series", n_checkpoints)
         out = str(Path(tmp) / "times.pt")
         with socket.socket() as s:
@@ -245,7 +254,7 @@ def memory(n: int, budget: str, token_budget: int) -> None:
     with the samples is what capture keeps."""
     import torch.multiprocessing as mp
 
-    with tempfile.TemporaryDirectory(dir=os.environ.get("WORKBENCH_HOME")) as tmp:
+    with tempfile.TemporaryDirectory(dir=_scratch()) as tmp:
         results = {}
         for label, b in (("no budget", None), (f"memory_budget={budget}", budget)):
             out = str(Path(tmp) / "memory.pt")
