@@ -33,10 +33,11 @@ from workbench.probes.influence.measurement import influence_tables
 from workbench.probes.pathways.figures import correlation_table
 from workbench.probes.representations import findings as representation_findings
 from workbench.stats import correlation
+from workbench.toys.train import GENERALIZED_ACC, MEMORIZED_ACC
 
 #: The thresholds of the run's phases: memorized when train accuracy first reaches MEMORIZED, generalized when
 #: test accuracy first reaches GENERALIZED (the same as :func:`workbench.toys.influence.phase_steps`).
-MEMORIZED, GENERALIZED = 0.99, 0.95
+MEMORIZED, GENERALIZED = MEMORIZED_ACC, GENERALIZED_ACC  # one definition, with the training's phases
 
 SPAN = re.compile(r"<!--n:(?P<name>[\w.@-]+)-->(?P<text>.*?)<!--/n-->", re.S)
 BLOCK = re.compile(r"<!--numbers:(?P<name>[\w.@-]+)-->\n(?P<text>.*?)\n?<!--/numbers-->", re.S)
