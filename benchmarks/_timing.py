@@ -66,20 +66,46 @@ def load() -> str:
     return f"load average {one:.2f} on {os.cpu_count()} cores"
 
 
+def _busy_seconds() -> float | None:
+    """CPU seconds every process on the machine has run since boot (Linux /proc/stat: user, nice, system, irq,
+    softirq, steal), or None where that is not readable."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()[1:]
+        ticks = os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / ticks
+
+
+def _own_seconds() -> float:
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+_START: dict = {}
+
+
 def header(what: str, threads: int) -> None:
     print(f"== {what}")
     print(f"   thread budget {threads} per side; {load()} at the start")
+    _START.update(wall=time.perf_counter(), busy=_busy_seconds(), own=_own_seconds())
 
 
 def footer() -> None:
-    """The load at the end, and a warning when the machine was busy: such numbers are not final."""
-    try:
-        one = os.getloadavg()[0]
-    except OSError:
+    """The load at the end, and the cores other processes used while the benchmark ran, with a warning when they
+    used a noticeable share: such numbers are not final. (The load average alone cannot tell: the benchmark's
+    own threads raise it to the thread budget.)"""
+    print(f"   {load()} at the end")
+    busy = _busy_seconds()
+    if busy is None or _START.get("busy") is None:
         return
+    wall = time.perf_counter() - _START["wall"]
+    others = max(0.0, (busy - _START["busy"]) - (_own_seconds() - _START["own"])) / max(wall, 1e-9)
     cores = os.cpu_count() or 1
-    print(f"   {load()} at the end" + (
-        "; the machine was busy: these timings are noise, not final numbers" if one > 0.5 * cores else ""))
+    print(f"   other processes used {others:.2f} of {cores} cores on average while it ran" + (
+        "; the machine was busy: these timings are noise, not final numbers" if others > 0.1 * cores else ""))
 
 
 # --- interleaved rounds --------------------------------------------------------------------------------------

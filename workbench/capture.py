@@ -23,6 +23,7 @@ import os
 import weakref
 from dataclasses import dataclass, field, replace
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -468,7 +469,8 @@ def capture(
     amp = torch.autocast(device.type, dtype=torch.bfloat16) if use_autocast else contextlib.nullcontext()
     try:
         with torch.inference_mode(), amp:
-            for idx in tqdm(batches, desc="capture", disable=not progress, leave=False):
+            # (a disabled tqdm still costs a tenth of a millisecond per call: a small model captures in 30 ms)
+            for idx in (tqdm(batches, desc="capture", leave=False) if progress else batches):
                 x, y, mask = samples.padded(idx, pad_id)
                 x = x.to(device, non_blocking=True)
                 y = y.to(device, non_blocking=True)
@@ -486,7 +488,7 @@ def capture(
                         _check_weights_option(spec, r)
                     _reduce_routing(state, spec, r)
                 scores = _per_sample_scores(logits, y)
-                rows = torch.as_tensor(idx)
+                rows = _index_tensor(idx)
                 for name, v in zip(("loss", "accuracy", "confidence", "target_prob", "n_scored"), scores):
                     out[name][rows] = v.to("cpu", non_blocking=cuda)
                 for name, v in (("routing", state.routing), ("applied", state.applied), ("load", state.load)):
@@ -514,7 +516,7 @@ def capture(
         confidence=out["confidence"],
         target_prob=out["target_prob"],
         n_scored=out["n_scored"],
-        n_tokens=torch.as_tensor(samples.lengths),
+        n_tokens=_index_tensor(samples.lengths),
         routing=per_expert.get("routing"),
         applied=per_expert.get("applied"),
         expert_load=per_expert.get("load"),
@@ -527,6 +529,12 @@ def capture(
         no_router_matrices=why_not,
         rows=torch.as_tensor([i for b in batches for i in b], dtype=torch.long) if shard is not None else None,
     )
+
+
+def _index_tensor(values) -> torch.Tensor:
+    """A list of ints as a long tensor, through numpy: five times faster than ``torch.as_tensor`` on a list (a
+    tenth of a millisecond per thousand samples, per batch: a percent of a small model's forward pass)."""
+    return torch.from_numpy(np.asarray(values, dtype=np.int64))
 
 
 def _routers(model: nn.Module, adapter, layers) -> _Routers:
