@@ -80,8 +80,21 @@ def _busy_seconds() -> float | None:
 
 
 def _own_seconds() -> float:
+    """CPU seconds of this process and its child processes: those waited for, and (with psutil) those still
+    running, such as the worker processes joblib keeps for reuse."""
     t = os.times()
-    return t.user + t.system + t.children_user + t.children_system
+    total = t.user + t.system + t.children_user + t.children_system
+    try:
+        import psutil
+    except ImportError:
+        return total
+    for child in psutil.Process().children(recursive=True):
+        try:
+            c = child.cpu_times()
+        except psutil.Error:  # it ended meanwhile
+            continue
+        total += c.user + c.system
+    return total
 
 
 _START: dict = {}
