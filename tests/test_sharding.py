@@ -32,6 +32,10 @@ from workbench.sharding import plan
 
 # Two ranks in spawned processes start in ~5 s each: every scenario shares the one spawn where it can.
 
+#: Capture batches of at most this many padded tokens: several batches per checkpoint, so that in the
+#: sample-sharded mode rank 1 captures rows of its own and rank 0 gathers them.
+TOKENS = 64
+
 
 @dataclass(frozen=True)
 class CountedPathways(RoutingPathways):
@@ -78,7 +82,8 @@ def _worker(rank: int, port: int, jobs: list[tuple[str, int]], marks: str, steps
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
         for folder, die_at in jobs:
-            measure(Run.from_folder(folder), _measurements(marks, die_at), steps=steps, device="cpu", progress=False)
+            measure(Run.from_folder(folder), _measurements(marks, die_at), steps=steps, device="cpu", progress=False,
+                    token_budget=TOKENS)
     finally:
         dist.destroy_process_group()
 
@@ -127,7 +132,7 @@ def test_two_gloo_ranks_equal_one_process_and_resume_after_a_killed_rank(runs, t
     steps = Run.from_folder(one).steps[-3:]  # two checkpoint-sharded, one sample-sharded
 
     ref = Run.from_folder(one)
-    measure(ref, _measurements(str(tmp_path)), steps=steps, device="cpu", progress=False)
+    measure(ref, _measurements(str(tmp_path)), steps=steps, device="cpu", progress=False, token_budget=TOKENS)
     for f in tmp_path.glob("finalize.*"):
         f.unlink()
     expected = _tables(ref.store)

@@ -494,11 +494,14 @@ def capture(
                 for name, v in (("routing", state.routing), ("applied", state.applied), ("load", state.load)):
                     if v is not None:
                         if name not in per_expert:
-                            per_expert[name] = buffers.rows((n,) + tuple(v.shape[1:]))
+                            with torch.inference_mode(False):  # ordinary tensors: callers (the gather of a
+                                # sharded capture) write into them outside inference mode
+                                per_expert[name] = buffers.rows((n,) + tuple(v.shape[1:]))
                         per_expert[name][rows] = v.to("cpu", non_blocking=cuda)
                 for layer, h in state.hidden.items():
                     if layer not in hidden:
-                        hidden[layer] = buffers.rows((n, h.shape[-1]))
+                        with torch.inference_mode(False):
+                            hidden[layer] = buffers.rows((n, h.shape[-1]))
                     hidden[layer][rows] = h.to("cpu", non_blocking=cuda)
         if cuda:
             torch.cuda.synchronize(device)
