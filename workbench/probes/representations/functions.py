@@ -21,6 +21,7 @@ Distances are computed in row blocks of at most ``block`` samples, so memory sta
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -277,7 +278,10 @@ def aligned_umap(xs: Sequence[torch.Tensor], n_neighbors: int = 15, min_dist: fl
                           alignment_regularisation=alignment_regularisation,
                           alignment_window_size=alignment_window_size, random_state=seed,
                           **({} if n_epochs is None else {"n_epochs": n_epochs}))
-    reducer.fit([x.detach().double().cpu().numpy() for x in xs], relations=[identity] * (len(xs) - 1))
+    with warnings.catch_warnings():
+        # A seeded fit runs on one thread, and umap-learn says so once per checkpoint: the seed is what we want.
+        warnings.filterwarnings("ignore", message="n_jobs value .* overridden", category=UserWarning)
+        reducer.fit([x.detach().double().cpu().numpy() for x in xs], relations=[identity] * (len(xs) - 1))
     layouts = reducer.embeddings_
     if len(layouts) != len(xs) or any(np.asarray(e).shape != (n, 2) for e in layouts):
         raise InputError(f"AlignedUMAP returned layouts of shapes {[np.asarray(e).shape for e in layouts]}; "
