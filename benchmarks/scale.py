@@ -27,6 +27,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -34,9 +35,12 @@ from pathlib import Path
 
 import torch
 
-import _timing
-from workbench import CaptureSpec, SampleSet, capture
-from workbench.samples import length_buckets
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' tiny-model helpers
+
+import _timing  # noqa: E402
+from tests.tiny_models import save_drifting  # noqa: E402
+from workbench import CaptureSpec, SampleSet, capture  # noqa: E402
+from workbench.samples import length_buckets  # noqa: E402
 
 VOCAB = 512
 SPEC = CaptureSpec(routing=True, applied=True, expert_load=True, hidden_layers=(-1,))
@@ -92,14 +96,7 @@ def overhead(args, n: int) -> None:
 
 # --- 2. ranks ----------------------------------------------------------------------------------------------------
 def save_series(folder: Path, n_checkpoints: int) -> Path:
-    model = olmoe_model()
-    for i in range(n_checkpoints):
-        if i:
-            with torch.no_grad():
-                for p in model.parameters():
-                    p.add_(0.02 * torch.randn_like(p))
-        model.save_pretrained(folder / f"step_{100 * i}")
-    return folder
+    return save_drifting(olmoe_model(), folder, [100 * i for i in range(n_checkpoints)], drift=0.02)
 
 
 def _scratch() -> str | None:

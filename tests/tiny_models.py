@@ -51,16 +51,21 @@ def tiny_model(kind: str, seed: int = 0, n_layers: int = 3):
     return model.eval()
 
 
-def save_series(kind: str, folder: str | Path, steps=(0, 10, 100), seed: int = 0, n_layers: int = 3) -> Path:
+def save_drifting(model, folder: str | Path, steps=(0, 10, 100), drift: float = 0.05) -> Path:
+    """``model`` saved as a checkpoint series ``folder/step_<step>``, every parameter moved by Gaussian noise of
+    scale ``drift`` from one checkpoint to the next (in place: the model ends as the last checkpoint)."""
     folder = Path(folder)
-    model = tiny_model(kind, seed, n_layers)
     for i, step in enumerate(steps):
         if i:
             with torch.no_grad():
                 for p in model.parameters():
-                    p.add_(0.05 * torch.randn_like(p))
+                    p.add_(drift * torch.randn_like(p))
         model.save_pretrained(folder / f"step_{step}")
     return folder
+
+
+def save_series(kind: str, folder: str | Path, steps=(0, 10, 100), seed: int = 0, n_layers: int = 3) -> Path:
+    return save_drifting(tiny_model(kind, seed, n_layers), folder, steps)
 
 
 def random_tokens(n: int, lo: int = 3, hi: int = 12, seed: int = 0) -> list[list[int]]:
